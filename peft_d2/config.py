@@ -1,0 +1,56 @@
+"""`add_peft_config(cfg)`: the MODEL.PEFT node of a detectron2 config, its defaults and validation."""
+
+from detectron2.config import CfgNode as CN
+
+from .errors import PeftConfigError
+from .tuners import AdapterConfig, LoRAConfig, PeftConfig
+
+
+def add_peft_config(cfg: CN) -> CN:
+    """Add MODEL.PEFT with its defaults to `cfg` (in place; returns it). Every key is documented in the README."""
+    cfg.MODEL.PEFT = CN()
+    # Methods to inject, any of: "lora", "adapter". Empty: no PEFT.
+    cfg.MODEL.PEFT.METHODS = []
+    # An adapter checkpoint (safetensors from peft_d2) loaded after MODEL.WEIGHTS.
+    cfg.MODEL.PEFT.WEIGHTS = ""
+    # Glob patterns over base parameter names that stay trainable (heads, norms, biases).
+    cfg.MODEL.PEFT.TRAINABLE = []
+
+    cfg.MODEL.PEFT.LORA = CN()
+    cfg.MODEL.PEFT.LORA.RANK = 8
+    cfg.MODEL.PEFT.LORA.ALPHA = 8.0
+    cfg.MODEL.PEFT.LORA.DROPOUT = 0.0
+    cfg.MODEL.PEFT.LORA.RSLORA = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+    # Glob patterns over module paths, e.g. "backbone.*.attn.qkv", "*.self_attn".
+    cfg.MODEL.PEFT.LORA.TARGETS = []
+    # Row blocks of packed q/k/v projections that get LoRA ("" = the whole output of a qkv Linear).
+    cfg.MODEL.PEFT.LORA.QKV_BLOCKS = "qv"
+
+    cfg.MODEL.PEFT.ADAPTER = CN()
+    cfg.MODEL.PEFT.ADAPTER.NUM_PER_SITE = 1  # adapters chained at each sequential site: 1, 2 or 3
+    cfg.MODEL.PEFT.ADAPTER.BOTTLENECK = 0  # hidden width; 0 = dim // REDUCTION
+    cfg.MODEL.PEFT.ADAPTER.REDUCTION = 4
+    cfg.MODEL.PEFT.ADAPTER.PLACEMENTS = ["attn"]  # any of "attn", "mlp", "parallel_mlp"
+    cfg.MODEL.PEFT.ADAPTER.ACTIVATION = "relu"
+    cfg.MODEL.PEFT.ADAPTER.PARALLEL_SCALE = 1.0
+    cfg.MODEL.PEFT.ADAPTER.BLOCKS = ["*"]  # glob patterns over transformer-block paths
+    return cfg
+
+
+def peft_config_from_cfg(cfg: CN) -> PeftConfig:
+    """The PeftConfig that MODEL.PEFT describes; raises PeftConfigError naming the key at fault."""
+    p = cfg.MODEL.PEFT
+    if not isinstance(p.METHODS, (list, tuple)):
+        raise PeftConfigError(f"MODEL.PEFT.METHODS must be a list of method names, got {p.METHODS!r}")
+    if not isinstance(p.LORA.RANK, int) or isinstance(p.LORA.RANK, bool):
+        raise PeftConfigError(f"MODEL.PEFT.LORA.RANK must be an integer, got {p.LORA.RANK!r}")
+    lora = LoRAConfig(
+        r=p.LORA.RANK, alpha=float(p.LORA.ALPHA), dropout=float(p.LORA.DROPOUT), rslora=bool(p.LORA.RSLORA),
+        targets=list(p.LORA.TARGETS), qkv_blocks=p.LORA.QKV_BLOCKS,
+    )
+    a = p.ADAPTER
+    adapter = AdapterConfig(
+        num_per_site=a.NUM_PER_SITE, bottleneck=a.BOTTLENECK, reduction=a.REDUCTION, placements=tuple(a.PLACEMENTS),
+        activation=a.ACTIVATION, parallel_scale=float(a.PARALLEL_SCALE), blocks=tuple(a.BLOCKS),
+    )
+    return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, trainable=tuple(p.TRAINABLE))

@@ -1,0 +1,112 @@
+"""Bottleneck adapters (Houlsby et al.; the placements of METHODS.md method 1).
+
+A unit maps h -> h + up(act(down(h))) with `up` zero-initialised, so a fresh adapter is the identity.
+`SequentialAdapter` chains 1-3 units at a site; `ParallelAdapter` is the AdaptFormer-style branch added
+beside a sub-layer: out = f(z) + s * up(act(down(z))).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import PeftConfigError
+
+PLACEMENTS = ("attn", "mlp", "parallel_mlp")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+@dataclass
+class AdapterConfig:
+    """Configuration of bottleneck adapters.
+
+    Attributes:
+        num_per_site: units chained at each sequential site (1, 2 or 3).
+        bottleneck: hidden width m; 0 means use `reduction`.
+        reduction: m = d // reduction when `bottleneck` is 0 (METHODS.md: m = d / 4).
+        placements: any of "attn" (after the attention sub-layer, before its residual add), "mlp" (after
+            the MLP sub-layer), "parallel_mlp" (a branch beside the MLP).
+        activation: "relu" or "gelu".
+        parallel_scale: s of the parallel branch.
+        blocks: glob patterns over transformer-block paths that get adapters (default: every block).
+    """
+
+    num_per_site: int = 1
+    bottleneck: int = 0
+    reduction: int = 4
+    placements: tuple = ("attn",)
+    activation: str = "relu"
+    parallel_scale: float = 1.0
+    blocks: tuple = ("*",)
+
+    def __post_init__(self):
+        self.placements = tuple(self.placements)
+        self.blocks = tuple(self.blocks)
+        if self.num_per_site not in (1, 2, 3):
+            raise PeftConfigError(
+                f"MODEL.PEFT.ADAPTER.NUM_PER_SITE must be 1, 2 or 3, got {self.num_per_site!r}"
+            )
+        if self.bottleneck < 0 or (self.bottleneck == 0 and self.reduction <= 0):
+            raise PeftConfigError(
+                "MODEL.PEFT.ADAPTER.BOTTLENECK must be > 0, or 0 with MODEL.PEFT.ADAPTER.REDUCTION > 0; got "
+                f"{self.bottleneck!r} and {self.reduction!r}"
+            )
+        bad = [p for p in self.placements if p not in PLACEMENTS]
+        if bad or not self.placements:
+            raise PeftConfigError(
+                f"MODEL.PEFT.ADAPTER.PLACEMENTS must be a non-empty subset of {PLACEMENTS}, got {self.placements!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise PeftConfigError(
+                f"MODEL.PEFT.ADAPTER.ACTIVATION must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+
+    def width(self, dim: int) -> int:
+        return self.bottleneck if self.bottleneck > 0 else max(1, dim // self.reduction)
+
+
+class Bottleneck(nn.Module):
+    """up(act(down(z))), `up` zero-initialised. Parameters: 2 * d * m + m + d."""
+
+    def __init__(self, dim: int, width: int, activation: str = "relu"):
+        super().__init__()
+        self.down = nn.Linear(dim, width)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(width, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(z)))
+
+
+class SequentialAdapter(nn.ModuleList):
+    """n units in sequence, each h -> h + unit(h). Input and output (..., d)."""
+
+    peft_method = "adapter"
+
+    def __init__(self, dim: int, cfg: AdapterConfig):
+        super().__init__([Bottleneck(dim, cfg.width(dim), cfg.activation) for _ in range(cfg.num_per_site)])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for unit in self:
+            h = h + unit(h)
+        return h
+
+
+class ParallelAdapter(Bottleneck):
+    """s * up(act(down(z))), added to a sub-layer's output by the site that owns it."""
+
+    peft_method = "adapter"
+
+    def __init__(self, dim: int, cfg: AdapterConfig):
+        super().__init__(dim, cfg.width(dim), cfg.activation)
+        self.scale = cfg.parallel_scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * super().forward(z)
+
+
+def adapter_parameter_count(dim: int, width: int) -> int:
+    """Closed form of one unit: 2 * d * m + m + d."""
+    return 2 * dim * width + width + dim

@@ -1,0 +1,189 @@
+"""LoRA: y = W x + b + s * B A dropout(x), s = alpha / r (or alpha / sqrt(r) when rank-stabilised).
+
+A layer gains LoRA by becoming an instance of a subclass of its own class (`LoRALinear` for nn.Linear,
+`LoRAMultiheadAttention` for nn.MultiheadAttention): the object, its `weight`/`bias` Parameters, its hooks
+and its name in the model stay the same, so base checkpoints load unchanged and only `lora_A`/`lora_B`
+are new keys (DESIGN.md principle 1).
+
+LoRA may cover the whole output of a layer or only some row blocks of it ("q" and "v" of a packed qkv
+projection): each block i has its own A_i (r, in) and B_i (rows_i, r), stored stacked as
+`lora_A` (n_blocks, r, in) and `lora_B` (n_blocks, rows, r) when there is more than one block.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PeftConfigError
+
+QKV_BLOCKS = {"q": 0, "k": 1, "v": 2}
+
+
+@dataclass
+class LoRAConfig:
+    """Configuration of LoRA.
+
+    Attributes:
+        r: rank.
+        alpha: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`).
+        dropout: dropout on the LoRA branch's input, in [0, 1).
+        rslora: rank-stabilised scaling.
+        targets: glob patterns over module paths (fnmatch), e.g. "backbone.*.attn.qkv". Matching modules
+            must be nn.Linear or nn.MultiheadAttention.
+        qkv_blocks: for packed q/k/v projections (nn.MultiheadAttention always; a Linear whose path ends in
+            "qkv"), which of "q", "k", "v" get LoRA, each with its own A and B. Empty: the whole output.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list = field(default_factory=list)
+    qkv_blocks: str = "qv"
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise PeftConfigError(f"MODEL.PEFT.LORA.RANK must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise PeftConfigError(f"MODEL.PEFT.LORA.ALPHA must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PeftConfigError(f"MODEL.PEFT.LORA.DROPOUT must be in [0, 1), got {self.dropout!r}")
+        bad = set(self.qkv_blocks) - set(QKV_BLOCKS)
+        if bad or len(set(self.qkv_blocks)) != len(self.qkv_blocks):
+            raise PeftConfigError(
+                f"MODEL.PEFT.LORA.QKV_BLOCKS must be distinct letters of 'qkv', got {self.qkv_blocks!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALayer:
+    """Mixin holding the LoRA factors of a layer whose weight is (out_features, in_features)."""
+
+    def _init_lora(self, weight: torch.Tensor, cfg: LoRAConfig, row_blocks=None):
+        out_features, in_features = weight.shape
+        if row_blocks is None:
+            row_blocks = [(0, out_features)]
+        sizes = {e - s for s, e in row_blocks}
+        if len(sizes) != 1:
+            raise PeftConfigError(f"LoRA row blocks must have equal sizes, got {row_blocks}")
+        rows = sizes.pop()
+        n = len(row_blocks)
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_row_blocks = [tuple(b) for b in row_blocks]
+        self.lora_r = cfg.r
+        self.lora_scaling = cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(n, cfg.r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n, rows, cfg.r, **kw))
+        for a in self.lora_A:  # PEFT's init: Kaiming-uniform A, zero B, so a fresh layer changes nothing
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_merged = False
+
+    def lora_delta_weight(self) -> torch.Tensor:
+        """s * B A scattered into the layer's (out, in) weight shape."""
+        blocks = self.lora_scaling * torch.bmm(self.lora_B, self.lora_A)  # (n, rows, in)
+        if len(self.lora_row_blocks) == 1 and self.lora_row_blocks[0] == (0, self._lora_weight().shape[0]):
+            return blocks[0]
+        delta = self._lora_weight().new_zeros(self._lora_weight().shape, dtype=blocks.dtype)
+        for (s, e), b in zip(self.lora_row_blocks, blocks):
+            delta = delta.index_add(0, torch.arange(s, e, device=delta.device), b)
+        return delta
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B A dropout(x) for an input x (..., in) -> (..., out) without forming B A."""
+        x = self.lora_dropout(x)
+        w = self._lora_weight()
+        if len(self.lora_row_blocks) == 1 and self.lora_row_blocks[0] == (0, w.shape[0]):
+            return self.lora_scaling * F.linear(F.linear(x, self.lora_A[0]), self.lora_B[0])
+        out = x.new_zeros(*x.shape[:-1], w.shape[0])
+        for i, (s, e) in enumerate(self.lora_row_blocks):
+            out[..., s:e] = self.lora_scaling * F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i])
+        return out
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold s * B A into the base weight (exact to float rounding); the LoRA branch is then skipped."""
+        if not self.lora_merged:
+            self._lora_weight().add_(self.lora_delta_weight().to(self._lora_weight().dtype))
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.lora_merged:
+            self._lora_weight().sub_(self.lora_delta_weight().to(self._lora_weight().dtype))
+            self.lora_merged = False
+
+
+class LoRALinear(nn.Linear, LoRALayer):
+    """nn.Linear with LoRA. Build with `LoRALinear.wrap(linear, cfg)`, which converts the object in place."""
+
+    peft_method = "lora"
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, cfg: LoRAConfig, row_blocks=None) -> "LoRALinear":
+        linear.__class__ = cls
+        linear._init_lora(linear.weight, cfg, row_blocks)
+        return linear
+
+    def _lora_weight(self):
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_merged:
+            return y
+        return y + self.lora_output(x).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_r={self.lora_r}, lora_blocks={self.lora_row_blocks}"
+
+
+class LoRAMultiheadAttention(nn.MultiheadAttention, LoRALayer):
+    """nn.MultiheadAttention with LoRA on row blocks of the packed `in_proj_weight` (q: rows [0, d),
+    k: [d, 2d), v: [2d, 3d)). The effective projection W + s * B A is formed once per call (3d x d, small)
+    and passed to the functional attention, so masks, batch_first and dropout behave exactly as in torch.
+    """
+
+    peft_method = "lora"
+
+    @classmethod
+    def wrap(cls, mha: nn.MultiheadAttention, cfg: LoRAConfig, blocks: str) -> "LoRAMultiheadAttention":
+        if not mha._qkv_same_embed_dim:
+            raise PeftConfigError("LoRA on nn.MultiheadAttention needs a packed in_proj_weight (kdim == vdim == d)")
+        if cfg.dropout > 0:  # the update is applied to the weight, which has no per-input dropout
+            raise PeftConfigError("MODEL.PEFT.LORA.DROPOUT must be 0 for nn.MultiheadAttention targets")
+        d = mha.embed_dim
+        mha.__class__ = cls
+        mha._init_lora(mha.in_proj_weight, cfg, [(QKV_BLOCKS[b] * d, (QKV_BLOCKS[b] + 1) * d) for b in blocks])
+        return mha
+
+    def _lora_weight(self):
+        return self.in_proj_weight
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        w = self.in_proj_weight
+        if not self.lora_merged:
+            w = w + self.lora_delta_weight().to(w.dtype)
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, w, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def lora_parameter_count(in_features: int, out_rows: int, r: int, n_blocks: int = 1) -> int:
+    """Closed form: r * (in + rows) per block."""
+    return n_blocks * r * (in_features + out_rows)

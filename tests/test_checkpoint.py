@@ -1,0 +1,117 @@
+"""Adapter checkpoints: round trip, base fingerprint, bad files, atomic writes, merged export."""
+
+import os
+
+import pytest
+import torch
+from _models import images, tiny_swin, tiny_vit
+
+from peft_d2 import AdapterConfig, LoRAConfig, PeftCheckpointError, PeftConfig, inject
+from peft_d2 import checkpoint as ckpt
+
+
+def lora_config(**adapter):
+    methods = ("lora", "adapter") if adapter else ("lora",)
+    return PeftConfig(
+        methods=methods, lora=LoRAConfig(r=4, alpha=8.0, targets=["*.attn.qkv", "*.mlp.fc2"]),
+        adapter=AdapterConfig(**adapter) if adapter else AdapterConfig(), trainable=("*.norm1.*",),
+    )
+
+
+def trained(model_fn, config):
+    model = model_fn()
+    inject(model, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def run(model):
+    return [v.detach() for v in model(images()).values()]
+
+
+def test_round_trip_reproduces_outputs(tmp_path):
+    model = trained(tiny_vit, lora_config(num_per_site=2, placements=("attn", "mlp")))
+    path = ckpt.save_adapter(model, str(tmp_path / "a.safetensors"))
+    fresh = tiny_vit()
+    ckpt.inject_from_checkpoint(fresh, path)
+    for a, b in zip(run(model), run(fresh)):
+        assert torch.equal(a, b)
+    # only trainable tensors are stored: a few % of the model
+    n_stored = sum(t.numel() for t in ckpt.read_adapter(path)[0].values())
+    assert n_stored == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_stored < 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def test_other_base_is_refused_and_model_untouched(tmp_path):
+    path = ckpt.save_adapter(trained(tiny_vit, lora_config()), str(tmp_path / "a.safetensors"))
+    other = tiny_swin()
+    inject(other, PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv"])))
+    before = {n: p.detach().clone() for n, p in other.state_dict().items()}
+    with pytest.raises(PeftCheckpointError, match="another base model"):
+        ckpt.load_adapter(other, path)
+    with pytest.raises(PeftCheckpointError, match="a.safetensors"):
+        ckpt.load_adapter(other, path, check_base=False)
+    for n, t in other.state_dict().items():
+        assert torch.equal(t, before[n])
+
+
+def test_shape_mismatch_is_refused(tmp_path):
+    path = ckpt.save_adapter(trained(tiny_vit, lora_config()), str(tmp_path / "a.safetensors"))
+    other = tiny_vit()
+    inject(other, PeftConfig(methods=("lora",), lora=LoRAConfig(r=2, targets=["*.attn.qkv", "*.mlp.fc2"]),
+                             trainable=("*.norm1.*",)))
+    with pytest.raises(PeftCheckpointError, match="shape mismatch"):
+        ckpt.load_adapter(other, path)
+
+
+def test_truncated_and_foreign_files_name_the_file(tmp_path):
+    path = ckpt.save_adapter(trained(tiny_vit, lora_config()), str(tmp_path / "a.safetensors"))
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    model = tiny_vit()
+    with pytest.raises(PeftCheckpointError, match="cut.safetensors.*not a readable safetensors"):
+        ckpt.inject_from_checkpoint(model, str(cut))
+    pth = tmp_path / "model.pth"
+    torch.save({"model": {}}, pth)
+    with pytest.raises(PeftCheckpointError, match="model.pth"):
+        ckpt.load_adapter(model, str(pth))
+    with pytest.raises(PeftCheckpointError, match="does not exist"):
+        ckpt.load_adapter(model, str(tmp_path / "missing.safetensors"))
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = trained(tiny_vit, lora_config())
+    path = str(tmp_path / "a.safetensors")
+    ckpt.save_adapter(model, path)
+    old = open(path, "rb").read()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_adapter(model, path)
+    assert open(path, "rb").read() == old
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_merged_state_dict_is_a_plain_base_checkpoint():
+    model = trained(tiny_swin, PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.qkv", "*.attn.proj"])))
+    merged = ckpt.merged_state_dict(model)
+    plain = tiny_swin()
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged, strict=True)
+    for a, b in zip(run(model), run(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_with_adapters_is_refused():
+    model = trained(tiny_vit, lora_config(num_per_site=1))
+    with pytest.raises(PeftCheckpointError, match="not LoRA"):
+        ckpt.merged_state_dict(model)
