@@ -11,10 +11,25 @@ def add_peft_config(cfg: CN) -> CN:
     cfg.MODEL.PEFT = CN()
     # Methods to inject, any of: "lora", "adapter". Empty: no PEFT.
     cfg.MODEL.PEFT.METHODS = []
+    # With MODEL.META_ARCHITECTURE "PEFT": the meta-architecture that is built and adapted.
+    cfg.MODEL.PEFT.BASE_META_ARCHITECTURE = "GeneralizedRCNN"
+    # With MODEL.BACKBONE.NAME "PEFTBackbone": the backbone that is built and adapted (alone).
+    cfg.MODEL.PEFT.BASE_BACKBONE = "build_resnet_backbone"
     # An adapter checkpoint (safetensors from peft_d2) loaded after MODEL.WEIGHTS.
     cfg.MODEL.PEFT.WEIGHTS = ""
     # Glob patterns over base parameter names that stay trainable (heads, norms, biases).
     cfg.MODEL.PEFT.TRAINABLE = []
+
+    # Training checkpoints of an injected model hold the trainable tensors only, unless this is True.
+    cfg.MODEL.PEFT.FULL_CHECKPOINTS = False
+
+    # Learning rate (0 = SOLVER.BASE_LR) and weight decay per parameter group of the PEFT optimizer.
+    cfg.MODEL.PEFT.OPTIM = CN()
+    cfg.MODEL.PEFT.OPTIM.LORA_LR = 0.0
+    cfg.MODEL.PEFT.OPTIM.LORA_WEIGHT_DECAY = 0.0
+    cfg.MODEL.PEFT.OPTIM.ADAPTER_LR = 0.0
+    cfg.MODEL.PEFT.OPTIM.ADAPTER_WEIGHT_DECAY = 0.0
+    cfg.MODEL.PEFT.OPTIM.HEAD_LR = 0.0  # trainable base parameters (MODEL.PEFT.TRAINABLE)
 
     cfg.MODEL.PEFT.LORA = CN()
     cfg.MODEL.PEFT.LORA.RANK = 8

@@ -1,0 +1,54 @@
+"""Optimizer over trainable tensors only, one parameter group per kind with its own lr and weight decay."""
+
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+from ..inject import peft_parameter_names
+
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
+
+
+def peft_param_groups(cfg, model) -> list:
+    """Groups "lora", "adapter", "head" (trainable base parameters) and "norm" (norm layers and biases of
+    trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM (0 lr = SOLVER.BASE_LR)."""
+    o = cfg.MODEL.PEFT.OPTIM
+    base_lr = cfg.SOLVER.BASE_LR
+    settings = {
+        "lora": (o.LORA_LR or base_lr, o.LORA_WEIGHT_DECAY),
+        "adapter": (o.ADAPTER_LR or base_lr, o.ADAPTER_WEIGHT_DECAY),
+        "head": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY),
+        "norm": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY_NORM),
+    }
+    peft = peft_parameter_names(model)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    groups = {k: [] for k in settings}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in peft:
+            kind = peft[name] if peft[name] in settings else "adapter"
+        elif id(p) in norm_params or name.endswith(".bias"):
+            kind = "norm"
+        else:
+            kind = "head"
+        groups[kind].append(p)
+    return [
+        {"name": k, "params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]}
+        for k, ps in groups.items() if ps
+    ]
+
+
+def build_peft_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """AdamW (SOLVER.OPTIMIZER "ADAMW", the default for PEFT) or SGD over `peft_param_groups`, with
+    detectron2's gradient clipping from SOLVER.CLIP_GRADIENTS."""
+    groups = peft_param_groups(cfg, model)
+    if not groups:
+        raise ValueError("no trainable parameters: check MODEL.PEFT.METHODS and MODEL.PEFT.TRAINABLE")
+    name = cfg.SOLVER.get("OPTIMIZER", "ADAMW").upper()
+    if name == "ADAMW":
+        cls, kwargs = torch.optim.AdamW, {"betas": (0.9, 0.999)}
+    elif name == "SGD":
+        cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {name!r}")
+    return maybe_add_gradient_clipping(cfg, cls)(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)

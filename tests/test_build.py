@@ -1,0 +1,115 @@
+"""The PEFT meta-architecture / backbone hooks, the PEFT checkpointer and the optimizer groups."""
+
+import logging
+import os
+
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import peft_d2.build  # noqa: F401 - registers "PEFT" and "PEFTBackbone"
+from peft_d2 import PeftConfigError
+from peft_d2.config import add_peft_config
+from peft_d2.engine import PeftCheckpointer, build_peft_optimizer, peft_param_groups
+
+
+def small_rcnn_cfg(**opts):
+    cfg = add_peft_config(get_cfg())  # the two-line adoption: import peft_d2 + add_peft_config
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+        "MODEL.MASK_ON", True,
+    ])
+    for k, v in opts.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+PEFT_OPTS = {
+    "MODEL.META_ARCHITECTURE": "PEFT", "MODEL.PEFT.BASE_META_ARCHITECTURE": "GeneralizedRCNN",
+    "MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["roi_heads.box_head.fc[12]"],
+    "MODEL.PEFT.TRAINABLE": ["roi_heads.box_predictor.*", "backbone.fpn_output*.bias"],
+}
+
+
+def test_meta_arch_hook_returns_base_model_with_base_names():
+    torch.manual_seed(0)
+    plain = build_model(small_rcnn_cfg())
+    torch.manual_seed(0)
+    model = build_model(small_rcnn_cfg(**PEFT_OPTS))
+    assert type(model) is type(plain)
+    base = dict(plain.named_parameters())
+    names = dict(model.named_parameters())
+    assert set(names) - set(base) == {f"roi_heads.box_head.fc{i}.lora_{m}" for i in (1, 2) for m in "AB"}
+    trainable = {n for n, p in names.items() if p.requires_grad}
+    assert trainable == {n for n in names if "lora_" in n or n.startswith("roi_heads.box_predictor.")
+                         or (n.startswith("backbone.fpn_output") and n.endswith(".bias"))}
+    assert model.peft_report["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_backbone_hook_freezes_the_backbone_only():
+    cfg = small_rcnn_cfg(**{"MODEL.BACKBONE.NAME": "PEFTBackbone",
+                            "MODEL.PEFT.BASE_BACKBONE": "build_resnet_fpn_backbone",
+                            "MODEL.PEFT.METHODS": ["adapter"], "MODEL.PEFT.TRAINABLE": ["fpn_output*"]})
+    with pytest.raises(PeftConfigError, match="MODEL.PEFT.ADAPTER.BLOCKS"):  # a ResNet has no transformer blocks
+        build_model(cfg)
+    cfg.MODEL.PEFT.METHODS = ["lora"]
+    cfg.MODEL.PEFT.LORA.TARGETS = ["bottom_up.stem.conv1"]
+    with pytest.raises(PeftConfigError, match=r"'bottom_up.stem.conv1' \(Conv2d\)"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("MODEL.PEFT.BASE_META_ARCHITECTURE", "NoSuchArch", "MODEL.PEFT.BASE_META_ARCHITECTURE='NoSuchArch'"),
+    ("MODEL.PEFT.METHODS", [], "MODEL.PEFT.METHODS is empty"),
+])
+def test_bad_hook_configs(key, value, match):
+    cfg = small_rcnn_cfg(**PEFT_OPTS)
+    cfg.merge_from_list([key, value])
+    with pytest.raises(PeftConfigError, match=match):
+        build_model(cfg)
+
+
+def test_checkpointer_loads_base_quietly_and_saves_trainable_only(tmp_path, caplog):
+    torch.manual_seed(0)
+    plain = build_model(small_rcnn_cfg())
+    torch.save({"model": plain.state_dict()}, tmp_path / "base.pth")
+    model = build_model(small_rcnn_cfg(**PEFT_OPTS))
+    ckp = PeftCheckpointer(model, str(tmp_path / "out"))
+    with caplog.at_level(logging.INFO):
+        ckp.load(str(tmp_path / "base.pth"))
+    assert "4 PEFT tensors are not in this base checkpoint" in caplog.text
+    assert "lora_A" not in caplog.text
+    for n, p in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[n], p)
+
+    with torch.no_grad():
+        model.roi_heads.box_head.fc1.lora_B.fill_(0.5)
+    ckp.save("model_0000009", iteration=9)
+    saved = torch.load(tmp_path / "out" / "model_0000009.pth", weights_only=False)
+    assert saved["peft_partial"] and set(saved["model"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert os.path.getsize(tmp_path / "out" / "model_0000009.pth") < 0.2 * os.path.getsize(tmp_path / "base.pth")
+
+    resumed = build_model(small_rcnn_cfg(**PEFT_OPTS))
+    ckr = PeftCheckpointer(resumed, str(tmp_path / "out"))
+    ckr.load(str(tmp_path / "base.pth"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        extra = ckr.resume_or_load("", resume=True)
+    assert extra["iteration"] == 9 and "not found in the checkpoint" not in caplog.text
+    for n, p in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[n], p), n
+
+
+def test_optimizer_groups_hold_only_trainable_tensors():
+    cfg = small_rcnn_cfg(**PEFT_OPTS)
+    cfg.merge_from_list(["MODEL.PEFT.OPTIM.LORA_LR", 1e-3, "SOLVER.BASE_LR", 1e-4, "SOLVER.WEIGHT_DECAY_NORM", 0.0])
+    model = build_model(cfg)
+    groups = {g["name"]: g for g in peft_param_groups(cfg, model)}
+    assert groups["lora"]["lr"] == 1e-3 and groups["head"]["lr"] == 1e-4 and groups["norm"]["weight_decay"] == 0.0
+    opt = build_peft_optimizer(cfg, model)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
