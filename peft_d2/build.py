@@ -22,8 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def _check_methods(cfg):
-    if not cfg.MODEL.PEFT.METHODS:
-        raise PeftConfigError("MODEL.PEFT.METHODS is empty: name at least one method (e.g. ['lora'])")
+    # Empty METHODS with TRAINABLE patterns is a pure freezing baseline (e.g. training the heads only).
+    if not cfg.MODEL.PEFT.METHODS and not cfg.MODEL.PEFT.TRAINABLE:
+        raise PeftConfigError(
+            "MODEL.PEFT.METHODS is empty and so is MODEL.PEFT.TRAINABLE: name a method (e.g. ['lora']) or the "
+            "parameters to keep trainable"
+        )
 
 
 @META_ARCH_REGISTRY.register()

@@ -22,6 +22,7 @@ from .inject import inject, lora_layers, peft_parameter_names
 from .tuners import PeftConfig
 
 FORMAT = "peft_d2.adapter.v1"
+MERGEABLE = {"lora", "cobot"}  # COBOT only reshapes LoRA's update B M A
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -121,10 +122,11 @@ def merged_state_dict(model: nn.Module) -> dict:
     """A plain base state dict with every LoRA update folded into its weight and PEFT tensors dropped; the
     model itself is not modified. Adapters cannot be folded into base weights: their presence is an error."""
     peft = peft_parameter_names(model)
-    unmergeable = sorted({n.rsplit(".", 2)[0] for n, m in peft.items() if m != "lora"})
+    unmergeable = sorted({f"{n.rsplit('.', 2)[0]} ({m})" for n, m in peft.items() if m not in MERGEABLE})
     if unmergeable:
         raise PeftCheckpointError(
-            f"cannot merge: modules {unmergeable[:5]} are not LoRA (adapters add computation, no weight absorbs them)"
+            f"cannot merge: modules {unmergeable[:5]} add computation that no base weight can absorb "
+            f"(mergeable methods: {sorted(MERGEABLE)})"
         )
     state = {k: v for k, v in model.state_dict().items() if k not in peft and ".lora_dropout" not in k}
     with torch.no_grad():

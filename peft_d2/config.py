@@ -3,7 +3,7 @@
 from detectron2.config import CfgNode as CN
 
 from .errors import PeftConfigError
-from .tuners import AdapterConfig, LoRAConfig, PeftConfig
+from .tuners import AdapterConfig, CobotConfig, LoRAConfig, PeftConfig
 
 
 def add_peft_config(cfg: CN) -> CN:
@@ -38,14 +38,22 @@ def add_peft_config(cfg: CN) -> CN:
     cfg.MODEL.PEFT.LORA.RSLORA = False  # scale by alpha / sqrt(rank) instead of alpha / rank
     # Glob patterns over module paths, e.g. "backbone.*.attn.qkv", "*.self_attn".
     cfg.MODEL.PEFT.LORA.TARGETS = []
+    # Linears of every MSDeformAttn (pixel decoder, or any module of that shape) that get LoRA: any of
+    # "sampling_offsets", "attention_weights", "value_proj", "output_proj".
+    cfg.MODEL.PEFT.LORA.MSDA_LAYERS = []
     # Row blocks of packed q/k/v projections that get LoRA ("" = the whole output of a qkv Linear).
     cfg.MODEL.PEFT.LORA.QKV_BLOCKS = "qv"
+
+    # COBOT (method "cobot"): a shared relation matrix and hypercomplex projections over all LoRA slots.
+    cfg.MODEL.PEFT.COBOT = CN()
+    cfg.MODEL.PEFT.COBOT.ON = "lora"
 
     cfg.MODEL.PEFT.ADAPTER = CN()
     cfg.MODEL.PEFT.ADAPTER.NUM_PER_SITE = 1  # adapters chained at each sequential site: 1, 2 or 3
     cfg.MODEL.PEFT.ADAPTER.BOTTLENECK = 0  # hidden width; 0 = dim // REDUCTION
     cfg.MODEL.PEFT.ADAPTER.REDUCTION = 4
-    cfg.MODEL.PEFT.ADAPTER.PLACEMENTS = ["attn"]  # any of "attn", "mlp", "parallel_mlp"
+    # Backbone blocks: "attn", "mlp", "parallel_mlp"; head: "msdeform_attn", "decoder_self_attn", "decoder_cross_attn"
+    cfg.MODEL.PEFT.ADAPTER.PLACEMENTS = ["attn"]
     cfg.MODEL.PEFT.ADAPTER.ACTIVATION = "relu"
     cfg.MODEL.PEFT.ADAPTER.PARALLEL_SCALE = 1.0
     cfg.MODEL.PEFT.ADAPTER.BLOCKS = ["*"]  # glob patterns over transformer-block paths
@@ -61,11 +69,27 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
         raise PeftConfigError(f"MODEL.PEFT.LORA.RANK must be an integer, got {p.LORA.RANK!r}")
     lora = LoRAConfig(
         r=p.LORA.RANK, alpha=float(p.LORA.ALPHA), dropout=float(p.LORA.DROPOUT), rslora=bool(p.LORA.RSLORA),
-        targets=list(p.LORA.TARGETS), qkv_blocks=p.LORA.QKV_BLOCKS,
+        targets=list(p.LORA.TARGETS), msda_layers=list(p.LORA.MSDA_LAYERS), qkv_blocks=p.LORA.QKV_BLOCKS,
     )
     a = p.ADAPTER
     adapter = AdapterConfig(
         num_per_site=a.NUM_PER_SITE, bottleneck=a.BOTTLENECK, reduction=a.REDUCTION, placements=tuple(a.PLACEMENTS),
         activation=a.ACTIVATION, parallel_scale=float(a.PARALLEL_SCALE), blocks=tuple(a.BLOCKS),
     )
-    return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, trainable=tuple(p.TRAINABLE))
+    return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, cobot=CobotConfig(p.COBOT.ON),
+                      trainable=tuple(p.TRAINABLE))
+
+
+def get_cfg() -> CN:
+    """detectron2's default config with the DeepLab, Mask2Former and MODEL.PEFT keys added: the config
+    every peft_d2 tool reads."""
+    from detectron2.config import get_cfg as d2_get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from .modeling.config import add_maskformer2_config
+
+    cfg = d2_get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    add_peft_config(cfg)
+    return cfg

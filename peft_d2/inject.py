@@ -18,6 +18,7 @@ from . import sites
 from .errors import PeftConfigError
 from .tuners import PeftConfig
 from .tuners.adapter import ParallelAdapter, SequentialAdapter
+from .tuners.cobot import CobotOrchestrator
 from .tuners.lora import LoRALayer, LoRALinear, LoRAMultiheadAttention
 
 
@@ -30,6 +31,8 @@ def inject(model: nn.Module, config: PeftConfig, verbose: bool = False) -> dict:
         _inject_lora(model, config.lora)
     if "adapter" in config.methods:
         _inject_adapters(model, config.adapter)
+    if "cobot" in config.methods:
+        _inject_cobot(model)
     model.peft_config = config
     mark_trainable(model, config.trainable)
     report = parameter_report(model)
@@ -40,9 +43,16 @@ def inject(model: nn.Module, config: PeftConfig, verbose: bool = False) -> dict:
 
 # ---------------------------------------------------------------------------------------------- LoRA
 def _inject_lora(model, cfg):
-    if not cfg.targets:
-        raise PeftConfigError("MODEL.PEFT.LORA.TARGETS is empty: give glob patterns over module paths")
-    for path, module in sites.match_modules(model, cfg.targets, "MODEL.PEFT.LORA.TARGETS"):
+    if not cfg.targets and not cfg.msda_layers:
+        raise PeftConfigError(
+            "MODEL.PEFT.LORA.TARGETS and MODEL.PEFT.LORA.MSDA_LAYERS are empty: give glob patterns over module "
+            "paths, or MSDeformAttn layer names"
+        )
+    found = sites.match_modules(model, cfg.targets, "MODEL.PEFT.LORA.TARGETS") if cfg.targets else []
+    if cfg.msda_layers:
+        for path, msda in sites.find_modules(model, sites.is_ms_deform_attn, ("*",), "MODEL.PEFT.LORA.MSDA_LAYERS"):
+            found += [(f"{path}.{name}", getattr(msda, name)) for name in cfg.msda_layers]
+    for path, module in found:
         try:
             add_lora(module, cfg, path)
         except PeftConfigError as e:
@@ -66,6 +76,22 @@ def add_lora(module: nn.Module, cfg, path: str = "") -> nn.Module:
     if type(module) is nn.MultiheadAttention:
         return LoRAMultiheadAttention.wrap(module, cfg, cfg.qkv_blocks or "qkv")
     raise PeftConfigError("LoRA applies to nn.Linear and nn.MultiheadAttention only")
+
+
+def _inject_cobot(model):
+    """One COBOT orchestrator at `model.cobot` over every LoRA row block (in module order) as a slot."""
+    layers = lora_layers(model)
+    ranks = {m.lora_r for _, m in layers}
+    if len(ranks) != 1:
+        raise PeftConfigError(f"COBOT needs LoRA layers of one rank, found ranks {sorted(ranks)}")
+    _check_free(model, "cobot", "(root)")
+    num_slots = sum(len(m.lora_row_blocks) for _, m in layers)
+    model.cobot = CobotOrchestrator(num_slots, ranks.pop()).to(_param_device(model))
+    t = 0
+    for _, m in layers:
+        n = len(m.lora_row_blocks)
+        m.attach_cobot(model.cobot, range(t, t + n))
+        t += n
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -95,16 +121,32 @@ def attach_parallel_adapter(sublayer: nn.Module, dim: int, cfg, path: str = "") 
     return sublayer.parallel_adapter
 
 
+HEAD_SITES = {  # placement -> (predicate, width of the site's output)
+    "msdeform_attn": (sites.is_ms_deform_attn, lambda m: m.output_proj.out_features),
+    "decoder_self_attn": (sites.is_decoder_attention("self_attn"), lambda m: m.embed_dim),
+    "decoder_cross_attn": (sites.is_decoder_attention("multihead_attn"), lambda m: m.embed_dim),
+}
+
+
 def _inject_adapters(model, cfg):
-    for path, block in sites.find_modules(model, sites.is_transformer_block, cfg.blocks, "MODEL.PEFT.ADAPTER.BLOCKS"):
-        dim = sites.block_dim(block)
-        for placement in cfg.placements:
-            if placement == "attn":
-                attach_sequential_adapter(block.attn, dim, cfg, f"{path}.attn")
-            elif placement == "mlp":
-                attach_sequential_adapter(block.mlp, dim, cfg, f"{path}.mlp")
-            else:
-                attach_parallel_adapter(block.mlp, dim, cfg, f"{path}.mlp")
+    block_placements = [p for p in cfg.placements if p not in HEAD_SITES]
+    if block_placements:
+        blocks = sites.find_modules(model, sites.is_transformer_block, cfg.blocks, "MODEL.PEFT.ADAPTER.BLOCKS")
+        for path, block in blocks:
+            dim = sites.block_dim(block)
+            for placement in block_placements:
+                if placement == "attn":
+                    attach_sequential_adapter(block.attn, dim, cfg, f"{path}.attn")
+                elif placement == "mlp":
+                    attach_sequential_adapter(block.mlp, dim, cfg, f"{path}.mlp")
+                else:
+                    attach_parallel_adapter(block.mlp, dim, cfg, f"{path}.mlp")
+    for placement in cfg.placements:
+        if placement in HEAD_SITES:
+            predicate, width = HEAD_SITES[placement]
+            key = f"MODEL.PEFT.ADAPTER.PLACEMENTS '{placement}'"
+            for path, module in sites.find_modules(model, predicate, ("*",), key):
+                attach_sequential_adapter(module, width(module), cfg, path)
 
 
 def _check_free(module, name, path):

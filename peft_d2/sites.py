@@ -12,11 +12,10 @@ import fnmatch
 import torch.nn as nn
 
 from .errors import PeftConfigError
+from .tuners.lora import MSDA_LINEARS
 
-MSDA_LINEARS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
-
-def is_transformer_block(module: nn.Module) -> bool:
+def is_transformer_block(module: nn.Module, path: str = "") -> bool:
     children = dict(module.named_children())
     return (
         isinstance(children.get("attn"), nn.Module)
@@ -25,10 +24,20 @@ def is_transformer_block(module: nn.Module) -> bool:
     )
 
 
-def is_ms_deform_attn(module: nn.Module) -> bool:
+def is_ms_deform_attn(module: nn.Module, path: str = "") -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in MSDA_LINEARS) and all(
         hasattr(module, a) for a in ("n_heads", "n_levels", "n_points")
     )
+
+
+def is_decoder_attention(name: str):
+    """Predicate factory: nn.MultiheadAttention modules whose attribute name is `name` (Mask2Former's
+    decoder names them `self_attn` in self-attention layers and `multihead_attn` in cross-attention ones)."""
+
+    def predicate(module, path):
+        return isinstance(module, nn.MultiheadAttention) and path.rsplit(".", 1)[-1] == name
+
+    return predicate
 
 
 def block_dim(block: nn.Module) -> int:
@@ -42,7 +51,7 @@ def find_modules(model: nn.Module, predicate, patterns=("*",), key: str = "") ->
     for path, module in model.named_modules():
         if any(path.startswith(s + ".") for s in skip):
             continue
-        if predicate(module):
+        if predicate(module, path):
             skip.append(path)
             if any(fnmatch.fnmatchcase(path, p) for p in patterns):
                 found.append((path, module))

@@ -1,7 +1,11 @@
 """Tiny detectron2 backbones shared by the tests."""
 
 import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
 from detectron2.modeling.backbone import SwinTransformer, ViT
+
+from peft_d2.config import add_peft_config
 
 
 def tiny_swin():
@@ -21,3 +25,23 @@ def tiny_vit():
 def images(n=2, size=64):
     g = torch.Generator().manual_seed(3)
     return torch.randn(n, 3, size, size, generator=g)
+
+
+def small_rcnn_cfg(**opts):
+    cfg = add_peft_config(get_cfg())  # the two-line adoption: import peft_d2 + add_peft_config
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+        "MODEL.MASK_ON", True,
+    ])
+    for k, v in opts.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+PEFT_OPTS = {
+    "MODEL.META_ARCHITECTURE": "PEFT", "MODEL.PEFT.BASE_META_ARCHITECTURE": "GeneralizedRCNN",
+    "MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["roi_heads.box_head.fc[12]"],
+    "MODEL.PEFT.TRAINABLE": ["roi_heads.box_predictor.*", "backbone.fpn_output*.bias"],
+}

@@ -5,34 +5,12 @@ import os
 
 import pytest
 import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
+from _models import PEFT_OPTS, small_rcnn_cfg
 from detectron2.modeling import build_model
 
 import peft_d2.build  # noqa: F401 - registers "PEFT" and "PEFTBackbone"
 from peft_d2 import PeftConfigError
-from peft_d2.config import add_peft_config
 from peft_d2.engine import PeftCheckpointer, build_peft_optimizer, peft_param_groups
-
-
-def small_rcnn_cfg(**opts):
-    cfg = add_peft_config(get_cfg())  # the two-line adoption: import peft_d2 + add_peft_config
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-        "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-        "MODEL.MASK_ON", True,
-    ])
-    for k, v in opts.items():
-        cfg.merge_from_list([k, v])
-    return cfg
-
-
-PEFT_OPTS = {
-    "MODEL.META_ARCHITECTURE": "PEFT", "MODEL.PEFT.BASE_META_ARCHITECTURE": "GeneralizedRCNN",
-    "MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["roi_heads.box_head.fc[12]"],
-    "MODEL.PEFT.TRAINABLE": ["roi_heads.box_predictor.*", "backbone.fpn_output*.bias"],
-}
 
 
 def test_meta_arch_hook_returns_base_model_with_base_names():
@@ -64,11 +42,16 @@ def test_backbone_hook_freezes_the_backbone_only():
 
 @pytest.mark.parametrize("key, value, match", [
     ("MODEL.PEFT.BASE_META_ARCHITECTURE", "NoSuchArch", "MODEL.PEFT.BASE_META_ARCHITECTURE='NoSuchArch'"),
-    ("MODEL.PEFT.METHODS", [], "MODEL.PEFT.METHODS is empty"),
+    ("MODEL.PEFT.METHODS", [], None),
 ])
 def test_bad_hook_configs(key, value, match):
     cfg = small_rcnn_cfg(**PEFT_OPTS)
     cfg.merge_from_list([key, value])
+    if match is None:  # empty METHODS with TRAINABLE: a freezing baseline, valid; both empty: an error
+        model = build_model(cfg)
+        assert model.peft_report["by_method"].keys() == {"base"}
+        cfg.MODEL.PEFT.TRAINABLE = []
+        match = "MODEL.PEFT.METHODS is empty and so is MODEL.PEFT.TRAINABLE"
     with pytest.raises(PeftConfigError, match=match):
         build_model(cfg)
 

@@ -113,5 +113,5 @@ def test_merged_state_dict_is_a_plain_base_checkpoint():
 
 def test_merge_with_adapters_is_refused():
     model = trained(tiny_vit, lora_config(num_per_site=1))
-    with pytest.raises(PeftCheckpointError, match="not LoRA"):
+    with pytest.raises(PeftCheckpointError, match=r"cannot merge: modules \['blocks.0.attn.adapter.0 \(adapter\)"):
         ckpt.merged_state_dict(model)

@@ -4,9 +4,10 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import PeftConfigError
 from .adapter import AdapterConfig, Bottleneck, ParallelAdapter, SequentialAdapter, adapter_parameter_count
+from .cobot import CobotConfig, CobotOrchestrator, cobot_parameter_count
 from .lora import LoRAConfig, LoRALayer, LoRALinear, LoRAMultiheadAttention, lora_parameter_count
 
-METHODS = {"lora": LoRAConfig, "adapter": AdapterConfig}
+METHODS = {"lora": LoRAConfig, "adapter": AdapterConfig, "cobot": CobotConfig}
 
 
 @dataclass
@@ -23,6 +24,7 @@ class PeftConfig:
     methods: tuple = ()
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    cobot: CobotConfig = field(default_factory=CobotConfig)
     trainable: tuple = ()
 
     def __post_init__(self):
@@ -31,6 +33,10 @@ class PeftConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise PeftConfigError(f"MODEL.PEFT.METHODS: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        if "cobot" in self.methods and self.cobot.enabled_on not in self.methods:
+            raise PeftConfigError(
+                f"MODEL.PEFT.METHODS: 'cobot' orchestrates '{self.cobot.enabled_on}', which must be listed too"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +51,7 @@ class PeftConfig:
 
 
 __all__ = [
-    "METHODS", "PeftConfig", "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAMultiheadAttention", "AdapterConfig",
-    "Bottleneck", "SequentialAdapter", "ParallelAdapter", "lora_parameter_count", "adapter_parameter_count",
+    "METHODS", "PeftConfig", "CobotConfig", "CobotOrchestrator", "cobot_parameter_count", "LoRAConfig", "LoRALayer",
+    "LoRALinear", "LoRAMultiheadAttention", "AdapterConfig", "Bottleneck", "SequentialAdapter", "ParallelAdapter",
+    "lora_parameter_count", "adapter_parameter_count",
 ]

@@ -12,7 +12,9 @@ import torch.nn as nn
 
 from ..errors import PeftConfigError
 
-PLACEMENTS = ("attn", "mlp", "parallel_mlp")
+BLOCK_PLACEMENTS = ("attn", "mlp", "parallel_mlp")  # in backbone transformer blocks
+HEAD_PLACEMENTS = ("msdeform_attn", "decoder_self_attn", "decoder_cross_attn")  # in the segmentation head
+PLACEMENTS = BLOCK_PLACEMENTS + HEAD_PLACEMENTS
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -24,8 +26,11 @@ class AdapterConfig:
         num_per_site: units chained at each sequential site (1, 2 or 3).
         bottleneck: hidden width m; 0 means use `reduction`.
         reduction: m = d // reduction when `bottleneck` is 0 (METHODS.md: m = d / 4).
-        placements: any of "attn" (after the attention sub-layer, before its residual add), "mlp" (after
-            the MLP sub-layer), "parallel_mlp" (a branch beside the MLP).
+        placements: in backbone transformer blocks, any of "attn" (after the attention sub-layer, before its
+            residual add), "mlp" (after the MLP sub-layer), "parallel_mlp" (a branch beside the MLP); in the
+            head (METHODS.md method 1), "msdeform_attn" (after every MSDeformAttn, i.e. the pixel-decoder
+            encoder's self-attention), "decoder_self_attn" and "decoder_cross_attn" (after the
+            nn.MultiheadAttention named `self_attn` / `multihead_attn` of each transformer-decoder layer).
         activation: "relu" or "gelu".
         parallel_scale: s of the parallel branch.
         blocks: glob patterns over transformer-block paths that get adapters (default: every block).

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import PeftConfigError
 
 QKV_BLOCKS = {"q": 0, "k": 1, "v": 2}
+MSDA_LINEARS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class LoRAConfig:
         rslora: rank-stabilised scaling.
         targets: glob patterns over module paths (fnmatch), e.g. "backbone.*.attn.qkv". Matching modules
             must be nn.Linear or nn.MultiheadAttention.
+        msda_layers: which of the linears of every MSDeformAttn ("sampling_offsets", "attention_weights",
+            "value_proj", "output_proj") get LoRA, wherever such a module is (found by shape).
         qkv_blocks: for packed q/k/v projections (nn.MultiheadAttention always; a Linear whose path ends in
             "qkv"), which of "q", "k", "v" get LoRA, each with its own A and B. Empty: the whole output.
     """
@@ -42,6 +45,7 @@ class LoRAConfig:
     dropout: float = 0.0
     rslora: bool = False
     targets: list = field(default_factory=list)
+    msda_layers: list = field(default_factory=list)
     qkv_blocks: str = "qv"
 
     def __post_init__(self):
@@ -51,6 +55,11 @@ class LoRAConfig:
             raise PeftConfigError(f"MODEL.PEFT.LORA.ALPHA must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise PeftConfigError(f"MODEL.PEFT.LORA.DROPOUT must be in [0, 1), got {self.dropout!r}")
+        unknown = [n for n in self.msda_layers if n not in MSDA_LINEARS]
+        if unknown:
+            raise PeftConfigError(
+                f"MODEL.PEFT.LORA.MSDA_LAYERS: unknown layer(s) {unknown}; known: {list(MSDA_LINEARS)}"
+            )
         bad = set(self.qkv_blocks) - set(QKV_BLOCKS)
         if bad or len(set(self.qkv_blocks)) != len(self.qkv_blocks):
             raise PeftConfigError(
@@ -85,12 +94,28 @@ class LoRALayer:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_merged = False
 
+    def attach_cobot(self, orchestrator, slots):
+        """Route row block i through COBOT slot `slots[i]`: delta y = B_i M_t A_i x, no alpha / r scaling.
+        The orchestrator is owned by the model root; here it is a plain (unregistered) reference."""
+        object.__setattr__(self, "lora_cobot", orchestrator)
+        self.lora_slots = list(slots)
+        self.lora_scaling = 1.0
+
+    def _lora_mid(self, i):
+        cobot = self.__dict__.get("lora_cobot")
+        return None if cobot is None else cobot.slot_matrix(self.lora_slots[i])
+
     def lora_delta_weight(self) -> torch.Tensor:
-        """s * B A scattered into the layer's (out, in) weight shape."""
-        blocks = self.lora_scaling * torch.bmm(self.lora_B, self.lora_A)  # (n, rows, in)
-        if len(self.lora_row_blocks) == 1 and self.lora_row_blocks[0] == (0, self._lora_weight().shape[0]):
+        """s * B A (or B M A with COBOT) scattered into the layer's (out, in) weight shape."""
+        weight = self._lora_weight()
+        blocks = []
+        for i in range(len(self.lora_row_blocks)):
+            mid = self._lora_mid(i)
+            a = self.lora_A[i] if mid is None else mid @ self.lora_A[i]
+            blocks.append(self.lora_scaling * (self.lora_B[i] @ a))
+        if len(blocks) == 1 and self.lora_row_blocks[0] == (0, weight.shape[0]):
             return blocks[0]
-        delta = self._lora_weight().new_zeros(self._lora_weight().shape, dtype=blocks.dtype)
+        delta = weight.new_zeros(weight.shape, dtype=blocks[0].dtype)
         for (s, e), b in zip(self.lora_row_blocks, blocks):
             delta = delta.index_add(0, torch.arange(s, e, device=delta.device), b)
         return delta
@@ -98,12 +123,19 @@ class LoRALayer:
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A dropout(x) for an input x (..., in) -> (..., out) without forming B A."""
         x = self.lora_dropout(x)
+        outs = []
+        for i in range(len(self.lora_row_blocks)):
+            z = F.linear(x, self.lora_A[i])
+            mid = self._lora_mid(i)
+            if mid is not None:
+                z = F.linear(z, mid)
+            outs.append(self.lora_scaling * F.linear(z, self.lora_B[i]))
         w = self._lora_weight()
-        if len(self.lora_row_blocks) == 1 and self.lora_row_blocks[0] == (0, w.shape[0]):
-            return self.lora_scaling * F.linear(F.linear(x, self.lora_A[0]), self.lora_B[0])
+        if len(outs) == 1 and self.lora_row_blocks[0] == (0, w.shape[0]):
+            return outs[0]
         out = x.new_zeros(*x.shape[:-1], w.shape[0])
-        for i, (s, e) in enumerate(self.lora_row_blocks):
-            out[..., s:e] = self.lora_scaling * F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i])
+        for (s, e), o in zip(self.lora_row_blocks, outs):
+            out[..., s:e] = o
         return out
 
     @torch.no_grad()
