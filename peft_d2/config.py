@@ -3,7 +3,7 @@
 from detectron2.config import CfgNode as CN
 
 from .errors import PeftConfigError
-from .tuners import AdapterConfig, CobotConfig, LoRAConfig, PeftConfig
+from .tuners import AdapterConfig, CobotConfig, LoRAConfig, MoPEFTConfig, PeftConfig, PrefixConfig
 
 
 def add_peft_config(cfg: CN) -> CN:
@@ -44,6 +44,17 @@ def add_peft_config(cfg: CN) -> CN:
     # Row blocks of packed q/k/v projections that get LoRA ("" = the whole output of a qkv Linear).
     cfg.MODEL.PEFT.LORA.QKV_BLOCKS = "qv"
 
+    # Prefix tuning (method "prefix"): learned keys/values prepended in attention.
+    cfg.MODEL.PEFT.PREFIX = CN()
+    cfg.MODEL.PEFT.PREFIX.LENGTH = 8
+    cfg.MODEL.PEFT.PREFIX.HIDDEN = 0  # > 0: prefixes produced by an MLP of this width (reparameterisation)
+    cfg.MODEL.PEFT.PREFIX.PLACEMENTS = ["attn"]  # "attn" (backbone blocks), "decoder_self_attn"
+    cfg.MODEL.PEFT.PREFIX.BLOCKS = ["*"]
+
+    # MoPEFT (method "mopeft"): per-block learned gates over the block's LoRA, prefix and adapters.
+    cfg.MODEL.PEFT.MOPEFT = CN()
+    cfg.MODEL.PEFT.MOPEFT.INIT_BIAS = 0.0
+
     # COBOT (method "cobot"): a shared relation matrix and hypercomplex projections over all LoRA slots.
     cfg.MODEL.PEFT.COBOT = CN()
     cfg.MODEL.PEFT.COBOT.ON = "lora"
@@ -76,7 +87,10 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
         num_per_site=a.NUM_PER_SITE, bottleneck=a.BOTTLENECK, reduction=a.REDUCTION, placements=tuple(a.PLACEMENTS),
         activation=a.ACTIVATION, parallel_scale=float(a.PARALLEL_SCALE), blocks=tuple(a.BLOCKS),
     )
-    return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, cobot=CobotConfig(p.COBOT.ON),
+    prefix = PrefixConfig(length=p.PREFIX.LENGTH, hidden=p.PREFIX.HIDDEN, placements=tuple(p.PREFIX.PLACEMENTS),
+                          blocks=tuple(p.PREFIX.BLOCKS))
+    return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, prefix=prefix,
+                      mopeft=MoPEFTConfig(float(p.MOPEFT.INIT_BIAS)), cobot=CobotConfig(p.COBOT.ON),
                       trainable=tuple(p.TRAINABLE))
 
 

@@ -20,6 +20,8 @@ from .tuners import PeftConfig
 from .tuners.adapter import ParallelAdapter, SequentialAdapter
 from .tuners.cobot import CobotOrchestrator
 from .tuners.lora import LoRALayer, LoRALinear, LoRAMultiheadAttention
+from .tuners.mopeft import SUBMODULES, MoPEFTGates, gates_pre_hook
+from .tuners.prefix import add_prefix
 
 
 def inject(model: nn.Module, config: PeftConfig, verbose: bool = False) -> dict:
@@ -31,6 +33,10 @@ def inject(model: nn.Module, config: PeftConfig, verbose: bool = False) -> dict:
         _inject_lora(model, config.lora)
     if "adapter" in config.methods:
         _inject_adapters(model, config.adapter)
+    if "prefix" in config.methods:
+        _inject_prefix(model, config.prefix)
+    if "mopeft" in config.methods:
+        _inject_mopeft(model, config.mopeft)
     if "cobot" in config.methods:
         _inject_cobot(model)
     model.peft_config = config
@@ -76,6 +82,45 @@ def add_lora(module: nn.Module, cfg, path: str = "") -> nn.Module:
     if type(module) is nn.MultiheadAttention:
         return LoRAMultiheadAttention.wrap(module, cfg, cfg.qkv_blocks or "qkv")
     raise PeftConfigError("LoRA applies to nn.Linear and nn.MultiheadAttention only")
+
+
+def _inject_prefix(model, cfg):
+    targets = []
+    if "attn" in cfg.placements:
+        blocks = sites.find_modules(model, sites.is_transformer_block, cfg.blocks, "MODEL.PEFT.PREFIX.BLOCKS")
+        targets += [(f"{path}.attn", block.attn) for path, block in blocks]
+    if "decoder_self_attn" in cfg.placements:
+        key = "MODEL.PEFT.PREFIX.PLACEMENTS 'decoder_self_attn'"
+        targets += sites.find_modules(model, sites.is_decoder_attention("self_attn"), ("*",), key)
+    for path, module in targets:
+        try:
+            add_prefix(module, cfg)
+        except PeftConfigError as e:
+            raise PeftConfigError(f"prefix on module '{path}' ({type(module).__name__}): {e}") from None
+
+
+def _inject_mopeft(model, cfg):
+    """Gates in every backbone block that holds LoRA, prefix or adapter modules, wired to them."""
+    wired = 0
+    for _, block in sites.find_modules(model, sites.is_transformer_block, ("*",), "MODEL.PEFT.METHODS 'mopeft'"):
+        loras = [m for _, m in block.named_modules() if isinstance(m, LoRALayer)]
+        prefixed = getattr(type(block.attn), "peft_prefix", False)
+        adapters = [m for _, m in block.named_modules() if isinstance(m, (SequentialAdapter, ParallelAdapter))]
+        present = [name for name, has in zip(SUBMODULES, (loras, prefixed, adapters)) if has]
+        if not present:
+            continue
+        _check_free(block, "mopeft_gates", "block")
+        block.mopeft_gates = MoPEFTGates(sites.block_dim(block), present, cfg.init_bias).to(_param_device(block))
+        block.register_forward_pre_hook(gates_pre_hook)
+        for m in loras:
+            m.attach_gate(block.mopeft_gates)
+        for m in adapters:
+            object.__setattr__(m, "peft_gate", block.mopeft_gates)
+        if prefixed:
+            object.__setattr__(block.attn, "peft_prefix_gate", block.mopeft_gates)
+        wired += 1
+    if not wired:
+        raise PeftConfigError("MODEL.PEFT.METHODS 'mopeft': no transformer block holds LoRA, prefix or adapters")
 
 
 def _inject_cobot(model):

@@ -6,8 +6,12 @@ from ..errors import PeftConfigError
 from .adapter import AdapterConfig, Bottleneck, ParallelAdapter, SequentialAdapter, adapter_parameter_count
 from .cobot import CobotConfig, CobotOrchestrator, cobot_parameter_count
 from .lora import LoRAConfig, LoRALayer, LoRALinear, LoRAMultiheadAttention, lora_parameter_count
+from .mopeft import MoPEFTConfig, MoPEFTGates
+from .prefix import PrefixConfig, PrefixKV, add_prefix, prefix_parameter_count
 
-METHODS = {"lora": LoRAConfig, "adapter": AdapterConfig, "cobot": CobotConfig}
+METHODS = {
+    "lora": LoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig, "mopeft": MoPEFTConfig, "cobot": CobotConfig,
+}
 
 
 @dataclass
@@ -24,6 +28,8 @@ class PeftConfig:
     methods: tuple = ()
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    mopeft: MoPEFTConfig = field(default_factory=MoPEFTConfig)
     cobot: CobotConfig = field(default_factory=CobotConfig)
     trainable: tuple = ()
 
@@ -33,6 +39,10 @@ class PeftConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise PeftConfigError(f"MODEL.PEFT.METHODS: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        if "mopeft" in self.methods and not {"lora", "prefix", "adapter"} & set(self.methods):
+            raise PeftConfigError(
+                "MODEL.PEFT.METHODS: 'mopeft' gates 'lora', 'prefix' and 'adapter'; list some of them"
+            )
         if "cobot" in self.methods and self.cobot.enabled_on not in self.methods:
             raise PeftConfigError(
                 f"MODEL.PEFT.METHODS: 'cobot' orchestrates '{self.cobot.enabled_on}', which must be listed too"
@@ -53,5 +63,6 @@ class PeftConfig:
 __all__ = [
     "METHODS", "PeftConfig", "CobotConfig", "CobotOrchestrator", "cobot_parameter_count", "LoRAConfig", "LoRALayer",
     "LoRALinear", "LoRAMultiheadAttention", "AdapterConfig", "Bottleneck", "SequentialAdapter", "ParallelAdapter",
-    "lora_parameter_count", "adapter_parameter_count",
+    "lora_parameter_count", "adapter_parameter_count", "PrefixConfig", "PrefixKV", "add_prefix",
+    "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates",
 ]

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PeftConfigError
+from .mopeft import gate_per_row
 
 BLOCK_PLACEMENTS = ("attn", "mlp", "parallel_mlp")  # in backbone transformer blocks
 HEAD_PLACEMENTS = ("msdeform_attn", "decoder_self_attn", "decoder_cross_attn")  # in the segmentation head
@@ -94,8 +95,10 @@ class SequentialAdapter(nn.ModuleList):
         super().__init__([Bottleneck(dim, cfg.width(dim), cfg.activation) for _ in range(cfg.num_per_site)])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gates = self.__dict__.get("peft_gate")
+        g = None if gates is None else gate_per_row(gates.value("adapter"), h)
         for unit in self:
-            h = h + unit(h)
+            h = h + (unit(h) if g is None else g * unit(h))
         return h
 
 
@@ -109,7 +112,9 @@ class ParallelAdapter(Bottleneck):
         self.scale = cfg.parallel_scale
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.scale * super().forward(z)
+        out = self.scale * super().forward(z)
+        gates = self.__dict__.get("peft_gate")
+        return out if gates is None else gate_per_row(gates.value("adapter"), out) * out
 
 
 def adapter_parameter_count(dim: int, width: int) -> int:

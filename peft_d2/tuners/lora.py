@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PeftConfigError
+from .mopeft import gate_per_row
 
 QKV_BLOCKS = {"q": 0, "k": 1, "v": 2}
 MSDA_LINEARS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
@@ -101,6 +102,11 @@ class LoRALayer:
         self.lora_slots = list(slots)
         self.lora_scaling = 1.0
 
+    def attach_gate(self, gates):
+        """MoPEFT: scale the LoRA output by the block's per-image gate g_L instead of alpha / r."""
+        object.__setattr__(self, "lora_gate", gates)
+        self.lora_scaling = 1.0
+
     def _lora_mid(self, i):
         cobot = self.__dict__.get("lora_cobot")
         return None if cobot is None else cobot.slot_matrix(self.lora_slots[i])
@@ -132,15 +138,19 @@ class LoRALayer:
             outs.append(self.lora_scaling * F.linear(z, self.lora_B[i]))
         w = self._lora_weight()
         if len(outs) == 1 and self.lora_row_blocks[0] == (0, w.shape[0]):
-            return outs[0]
-        out = x.new_zeros(*x.shape[:-1], w.shape[0])
-        for (s, e), o in zip(self.lora_row_blocks, outs):
-            out[..., s:e] = o
-        return out
+            out = outs[0]
+        else:
+            out = x.new_zeros(*x.shape[:-1], w.shape[0])
+            for (s, e), o in zip(self.lora_row_blocks, outs):
+                out[..., s:e] = o
+        gates = self.__dict__.get("lora_gate")
+        return out if gates is None else out * gate_per_row(gates.value("lora"), out)
 
     @torch.no_grad()
     def merge(self):
         """Fold s * B A into the base weight (exact to float rounding); the LoRA branch is then skipped."""
+        if self.__dict__.get("lora_gate") is not None:
+            raise PeftConfigError("a MoPEFT-gated LoRA depends on the input and cannot be merged")
         if not self.lora_merged:
             self._lora_weight().add_(self.lora_delta_weight().to(self._lora_weight().dtype))
             self.lora_merged = True
