@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import PeftCheckpointError
-from .inject import inject, lora_layers, peft_parameter_names
+from .inject import inject, lora_layers, peft_parameter_names, sfa_layers
 from .tuners import PeftConfig
 
 FORMAT = "peft_d2.adapter.v1"
-MERGEABLE = {"lora", "cobot"}  # COBOT only reshapes LoRA's update B M A
+MERGEABLE = {"lora", "cobot", "sfa"}  # COBOT only reshapes LoRA's update B M A; SFA's is M * Delta
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -33,9 +33,12 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The tensors an adapter checkpoint holds: PEFT parameters and trainable base parameters."""
+    """The tensors an adapter checkpoint holds: PEFT parameters and buffers, trainable base parameters."""
     peft = peft_parameter_names(model)
-    return {n: p.detach() for n, p in model.named_parameters() if n in peft or p.requires_grad}
+    out = {n: p.detach() for n, p in model.named_parameters() if n in peft or p.requires_grad}
+    peft_buffers = peft_parameter_names(model, buffers=True)
+    out.update({n: b.detach() for n, b in model.named_buffers() if n in peft_buffers})
+    return out
 
 
 def save_adapter(model: nn.Module, path: str, extra_metadata: dict | None = None) -> str:
@@ -94,14 +97,15 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
             f"adapter checkpoint {path!r} was made for another base model (fingerprint of base parameter "
             "names and shapes differs); pass check_base=False only if you know the bases are compatible"
         )
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     unknown = [k for k in tensors if k not in params]
     if unknown:
         raise PeftCheckpointError(f"adapter checkpoint {path!r} has tensors the model lacks: {unknown[:5]}")
     bad = [(k, tuple(t.shape), tuple(params[k].shape)) for k, t in tensors.items() if t.shape != params[k].shape]
     if bad:
         raise PeftCheckpointError(f"adapter checkpoint {path!r}: shape mismatch (name, file, model): {bad[:5]}")
-    missing = [k for k in peft_parameter_names(model) if k not in tensors]
+    expected = [*peft_parameter_names(model), *peft_parameter_names(model, buffers=True)]
+    missing = [k for k in expected if k not in tensors]
     if missing:
         raise PeftCheckpointError(f"adapter checkpoint {path!r} lacks PEFT tensors of the model: {missing[:5]}")
     with torch.no_grad():
@@ -112,8 +116,9 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
 
 def inject_from_checkpoint(model: nn.Module, path: str) -> dict:
     """Inject the PeftConfig stored in an adapter file into a plain base model, then load its tensors."""
-    _, _, config = read_adapter(path)
-    report = inject(model, config)
+    tensors, _, config = read_adapter(path)
+    selection = {k[: -len(".sfa_index")]: t for k, t in tensors.items() if k.endswith(".sfa_index")}
+    report = inject(model, config, sfa_selection=selection if "sfa" in config.methods else None)
     load_adapter(model, path)
     return report
 
@@ -128,11 +133,15 @@ def merged_state_dict(model: nn.Module) -> dict:
             f"cannot merge: modules {unmergeable[:5]} add computation that no base weight can absorb "
             f"(mergeable methods: {sorted(MERGEABLE)})"
         )
-    state = {k: v for k, v in model.state_dict().items() if k not in peft and ".lora_dropout" not in k}
+    peft_buffers = peft_parameter_names(model, buffers=True)
+    state = {k: v for k, v in model.state_dict().items() if k not in peft and k not in peft_buffers}
     with torch.no_grad():
         for path, m in lora_layers(model):
             if m.lora_merged:
                 continue
             key = f"{path}.{'in_proj_weight' if isinstance(m, nn.MultiheadAttention) else 'weight'}"
             state[key] = state[key] + m.lora_delta_weight().to(state[key].dtype)
+        for path, m in sfa_layers(model):
+            if not m.sfa_merged:
+                state[f"{path}.weight"] = state[f"{path}.weight"] + m.delta_weight().to(m.weight.dtype)
     return state

@@ -3,7 +3,7 @@
 from detectron2.config import CfgNode as CN
 
 from .errors import PeftConfigError
-from .tuners import AdapterConfig, CobotConfig, LoRAConfig, MoPEFTConfig, PeftConfig, PrefixConfig
+from .tuners import AdapterConfig, CobotConfig, LoRAConfig, MoPEFTConfig, PeftConfig, PrefixConfig, SFAConfig
 
 
 def add_peft_config(cfg: CN) -> CN:
@@ -59,6 +59,19 @@ def add_peft_config(cfg: CN) -> CN:
     cfg.MODEL.PEFT.COBOT = CN()
     cfg.MODEL.PEFT.COBOT.ON = "lora"
 
+    # SFA (method "sfa"): external adapters + lottery-ticket internal weights under one budget.
+    cfg.MODEL.PEFT.SFA = CN()
+    cfg.MODEL.PEFT.SFA.BUDGET = 0  # total trainable SFA parameters; 0 = BUDGET_RATIO of the model
+    cfg.MODEL.PEFT.SFA.BUDGET_RATIO = 0.01
+    cfg.MODEL.PEFT.SFA.ADAPTER_FRACTION = 0.5  # share of the budget for external adapters
+    cfg.MODEL.PEFT.SFA.ADAPTER_BOTTLENECK = 16
+    cfg.MODEL.PEFT.SFA.TARGETS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]
+    cfg.MODEL.PEFT.SFA.WARMUP_ITERS = 20
+    cfg.MODEL.PEFT.SFA.WARMUP_LR = 1e-2  # SGD with momentum 0.9
+    cfg.MODEL.PEFT.SFA.SCORE = "magnitude"  # |W_k - W_0|, or "grad": sum of |grad * W|
+    cfg.MODEL.PEFT.SFA.RANKING = "global"  # or "layer"
+    cfg.MODEL.PEFT.SFA.SEED = 0
+
     cfg.MODEL.PEFT.ADAPTER = CN()
     cfg.MODEL.PEFT.ADAPTER.NUM_PER_SITE = 1  # adapters chained at each sequential site: 1, 2 or 3
     cfg.MODEL.PEFT.ADAPTER.BOTTLENECK = 0  # hidden width; 0 = dim // REDUCTION
@@ -89,8 +102,14 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
     )
     prefix = PrefixConfig(length=p.PREFIX.LENGTH, hidden=p.PREFIX.HIDDEN, placements=tuple(p.PREFIX.PLACEMENTS),
                           blocks=tuple(p.PREFIX.BLOCKS))
+    f = p.SFA
+    sfa = SFAConfig(
+        budget=f.BUDGET, budget_ratio=float(f.BUDGET_RATIO), adapter_fraction=float(f.ADAPTER_FRACTION),
+        adapter_bottleneck=f.ADAPTER_BOTTLENECK, targets=tuple(f.TARGETS), warmup_iters=f.WARMUP_ITERS,
+        warmup_lr=float(f.WARMUP_LR), score=f.SCORE, ranking=f.RANKING, seed=f.SEED,
+    )
     return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, prefix=prefix,
-                      mopeft=MoPEFTConfig(float(p.MOPEFT.INIT_BIAS)), cobot=CobotConfig(p.COBOT.ON),
+                      mopeft=MoPEFTConfig(float(p.MOPEFT.INIT_BIAS)), cobot=CobotConfig(p.COBOT.ON), sfa=sfa,
                       trainable=tuple(p.TRAINABLE))
 
 

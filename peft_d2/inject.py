@@ -16,19 +16,23 @@ from tabulate import tabulate
 
 from . import sites
 from .errors import PeftConfigError
-from .tuners import PeftConfig
+from .tuners import AdapterConfig, PeftConfig
 from .tuners.adapter import ParallelAdapter, SequentialAdapter
 from .tuners.cobot import CobotOrchestrator
 from .tuners.lora import LoRALayer, LoRALinear, LoRAMultiheadAttention
 from .tuners.mopeft import SUBMODULES, MoPEFTGates, gates_pre_hook
 from .tuners.prefix import add_prefix
+from .tuners.sfa import SFALinear, plan_external
 
 
-def inject(model: nn.Module, config: PeftConfig, verbose: bool = False) -> dict:
+def inject(model: nn.Module, config: PeftConfig, verbose: bool = False, sfa_selection: dict | None = None) -> dict:
     """Inject the methods of `config` into `model` (in place), freeze all other parameters except
-    `config.trainable`, and return the parameter report (see `parameter_report`)."""
+    `config.trainable`, and return the parameter report (see `parameter_report`). SFA needs the internal
+    selection made on the base model (`peft_d2.tuners.sfa.select`), or the one stored in an adapter file."""
     if getattr(model, "peft_config", None) is not None:
         raise PeftConfigError(f"{type(model).__name__} already has PEFT modules injected")
+    if "sfa" in config.methods:
+        _inject_sfa(model, config.sfa, sfa_selection)
     if "lora" in config.methods:
         _inject_lora(model, config.lora)
     if "adapter" in config.methods:
@@ -123,6 +127,32 @@ def _inject_mopeft(model, cfg):
         raise PeftConfigError("MODEL.PEFT.METHODS 'mopeft': no transformer block holds LoRA, prefix or adapters")
 
 
+def _inject_sfa(model, cfg, selection):
+    if selection is None:
+        raise PeftConfigError(
+            "MODEL.PEFT.METHODS 'sfa' needs its internal selection: run peft_d2.tuners.sfa.select(model, cfg, loss_fn) "
+            "on the base model (the trainer does it from MODEL.PEFT.SFA), or load an SFA adapter file"
+        )
+    budget = cfg.total_budget(model)
+    cfg.budget = budget  # saved with the config: a reload plans the same adapters
+    blocks, adapter_params = plan_external(model, cfg, budget)
+    internal = sum(int(idx.numel()) for idx in selection.values())
+    if internal + adapter_params > budget:
+        raise PeftConfigError(
+            f"MODEL.PEFT.SFA.BUDGET: {internal} internal + {adapter_params} adapter parameters exceed the "
+            f"budget {budget}"
+        )
+    modules = dict(model.named_modules())
+    for path, idx in selection.items():
+        if type(modules.get(path)) is not nn.Linear:
+            raise PeftConfigError(f"SFA selection names '{path}', which is no nn.Linear of the model")
+        if idx.numel():
+            SFALinear.wrap(modules[path], idx)
+    adapter_cfg = AdapterConfig(num_per_site=1, bottleneck=cfg.adapter_bottleneck, placements=("mlp",))
+    for path, block in blocks:
+        attach_sequential_adapter(block.mlp, sites.block_dim(block), adapter_cfg, f"{path}.mlp")
+
+
 def _inject_cobot(model):
     """One COBOT orchestrator at `model.cobot` over every LoRA row block (in module order) as a slot."""
     layers = lora_layers(model)
@@ -205,18 +235,20 @@ def _param_device(module):
 
 
 # --------------------------------------------------------------------------- freezing and reporting
-def peft_parameter_names(model: nn.Module) -> "OrderedDict[str, str]":
-    """Parameter name -> PEFT method, for every parameter that a PEFT module added."""
+def peft_parameter_names(model: nn.Module, buffers: bool = False) -> "OrderedDict[str, str]":
+    """Parameter name -> PEFT method, for every parameter that a PEFT module added (with `buffers`: the
+    buffers PEFT modules added instead, e.g. SFA's selected indices)."""
     out = OrderedDict()
     for path, module in model.named_modules():
         method = getattr(type(module), "peft_method", None)
         if method is None:
             continue
         prefix = f"{path}." if path else ""
-        if isinstance(module, LoRALayer):
-            names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("lora_")]
+        tensors = module.named_buffers if buffers else module.named_parameters
+        if isinstance(module, (LoRALayer, SFALinear)):  # base layers with PEFT tensors of their own
+            names = [n for n, _ in tensors(recurse=False) if n.startswith(("lora_", "sfa_"))]
         else:
-            names = [n for n, _ in module.named_parameters()]
+            names = [n for n, _ in tensors()]
         for n in names:
             out.setdefault(prefix + n, method)
     return out
@@ -290,11 +322,15 @@ def lora_layers(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight (outputs unchanged up to float rounding)."""
-    for _, m in lora_layers(model):
+    """Fold every LoRA (and SFA) update into its base weight (outputs unchanged up to float rounding)."""
+    for _, m in lora_layers(model) + sfa_layers(model):
         m.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    for _, m in lora_layers(model):
+    for _, m in lora_layers(model) + sfa_layers(model):
         m.unmerge()
+
+
+def sfa_layers(model: nn.Module):
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, SFALinear)]

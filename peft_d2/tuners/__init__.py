@@ -8,9 +8,11 @@ from .cobot import CobotConfig, CobotOrchestrator, cobot_parameter_count
 from .lora import LoRAConfig, LoRALayer, LoRALinear, LoRAMultiheadAttention, lora_parameter_count
 from .mopeft import MoPEFTConfig, MoPEFTGates
 from .prefix import PrefixConfig, PrefixKV, add_prefix, prefix_parameter_count
+from .sfa import SFAConfig, SFALinear
 
 METHODS = {
     "lora": LoRAConfig, "adapter": AdapterConfig, "prefix": PrefixConfig, "mopeft": MoPEFTConfig, "cobot": CobotConfig,
+    "sfa": SFAConfig,
 }
 
 
@@ -31,6 +33,7 @@ class PeftConfig:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     mopeft: MoPEFTConfig = field(default_factory=MoPEFTConfig)
     cobot: CobotConfig = field(default_factory=CobotConfig)
+    sfa: SFAConfig = field(default_factory=SFAConfig)
     trainable: tuple = ()
 
     def __post_init__(self):
@@ -64,5 +67,5 @@ __all__ = [
     "METHODS", "PeftConfig", "CobotConfig", "CobotOrchestrator", "cobot_parameter_count", "LoRAConfig", "LoRALayer",
     "LoRALinear", "LoRAMultiheadAttention", "AdapterConfig", "Bottleneck", "SequentialAdapter", "ParallelAdapter",
     "lora_parameter_count", "adapter_parameter_count", "PrefixConfig", "PrefixKV", "add_prefix",
-    "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates",
+    "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates", "SFAConfig", "SFALinear",
 ]

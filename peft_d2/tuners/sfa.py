@@ -1,0 +1,204 @@
+"""SFA: selective feature adapters (Deng et al., 2023; METHODS.md method 4; the procedure is our design).
+
+Two kinds of trainable parameters under one budget that is never exceeded:
+- external adapters: bottleneck adapters after the MLP of the last backbone blocks, as many blocks (counted
+  from the last) as fit in `adapter_fraction` of the budget;
+- internal adapters: a fixed sparse set of pretrained weights made trainable, W = W_0 + M * Delta, chosen by
+  a lottery-ticket procedure (`select_internal`): train the candidates fully for a short warm-up from the
+  pretrained weights, score every entry by |W_k - W_0| (or |grad * W| summed over the warm-up), keep the top
+  entries (globally or per layer) as the mask M, and reset the weights to W_0.
+A layer holds its selection as `sfa_index` (a buffer of flat indices into its weight) and the trainable
+values `sfa_delta` at those indices, so the trainable count is exactly the number of mask entries; the
+indices travel in the adapter checkpoint, and merging folds M * Delta into W_0.
+"""
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PeftConfigError
+
+SCORES = ("magnitude", "grad")
+RANKINGS = ("global", "layer")
+
+
+@dataclass
+class SFAConfig:
+    """Attributes:
+    budget: total trainable parameters of SFA (internal + external); 0 = `budget_ratio` of the model.
+    budget_ratio: budget as a fraction of all model parameters, when `budget` is 0.
+    adapter_fraction: share of the budget for external adapters (the rest for internal weights).
+    adapter_bottleneck: width of each external adapter.
+    targets: glob patterns over module paths of the candidate nn.Linear layers for internal adapters.
+    warmup_iters: k, warm-up iterations of full training of the candidates.
+    warmup_lr: learning rate of the warm-up (SGD with momentum 0.9).
+    score: "magnitude" (|W_k - W_0|) or "grad" (sum over the warm-up of |grad * W|).
+    ranking: "global" (one top-k over all candidates) or "layer" (the same fraction of each layer).
+    seed: makes the warm-up, and so the selection, reproducible.
+    """
+
+    budget: int = 0
+    budget_ratio: float = 0.01
+    adapter_fraction: float = 0.5
+    adapter_bottleneck: int = 16
+    targets: tuple = ("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2")
+    warmup_iters: int = 20
+    warmup_lr: float = 1e-2
+    score: str = "magnitude"
+    ranking: str = "global"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.budget < 0 or (self.budget == 0 and not 0 < self.budget_ratio < 1):
+            raise PeftConfigError(
+                f"MODEL.PEFT.SFA.BUDGET must be > 0, or 0 with MODEL.PEFT.SFA.BUDGET_RATIO in (0, 1); got "
+                f"{self.budget!r} and {self.budget_ratio!r}"
+            )
+        if not 0 <= self.adapter_fraction <= 1:
+            raise PeftConfigError(f"MODEL.PEFT.SFA.ADAPTER_FRACTION must be in [0, 1], got {self.adapter_fraction!r}")
+        if self.score not in SCORES:
+            raise PeftConfigError(f"MODEL.PEFT.SFA.SCORE must be one of {SCORES}, got {self.score!r}")
+        if self.ranking not in RANKINGS:
+            raise PeftConfigError(f"MODEL.PEFT.SFA.RANKING must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.warmup_iters < 1:
+            raise PeftConfigError(f"MODEL.PEFT.SFA.WARMUP_ITERS must be >= 1, got {self.warmup_iters!r}")
+
+    def total_budget(self, model: nn.Module) -> int:
+        if self.budget > 0:
+            return self.budget
+        return int(self.budget_ratio * sum(p.numel() for p in model.parameters()))
+
+
+class SFALinear(nn.Linear):
+    """nn.Linear whose weight is W_0 + M * Delta for a fixed sparse mask M. Built in place by `wrap`."""
+
+    peft_method = "sfa"
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, index: torch.Tensor) -> "SFALinear":
+        linear.__class__ = cls
+        linear.register_buffer("sfa_index", index.to(device=linear.weight.device, dtype=torch.long))
+        linear.sfa_delta = nn.Parameter(torch.zeros(index.numel(), device=linear.weight.device,
+                                                    dtype=linear.weight.dtype))
+        linear.sfa_merged = False
+        return linear
+
+    def delta_weight(self) -> torch.Tensor:
+        flat = torch.zeros(self.weight.numel(), device=self.weight.device, dtype=self.sfa_delta.dtype)
+        return flat.index_add(0, self.sfa_index, self.sfa_delta).view_as(self.weight)
+
+    def forward(self, x):
+        if self.sfa_merged:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.sfa_merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.sfa_merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.sfa_merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.sfa_merged = False
+
+
+def candidate_layers(model: nn.Module, cfg: SFAConfig) -> list:
+    """(path, nn.Linear) of the candidates, in module order."""
+    found = [(p, m) for p, m in model.named_modules()
+             if type(m) is nn.Linear and any(fnmatch.fnmatchcase(p, t) for t in cfg.targets)]
+    if not found:
+        raise PeftConfigError(f"MODEL.PEFT.SFA.TARGETS {list(cfg.targets)} match no nn.Linear of the model")
+    return found
+
+
+def select_internal(model: nn.Module, cfg: SFAConfig, loss_fn, num_entries: int) -> dict:
+    """The lottery-ticket selection: {module path: sorted flat indices into its weight}, num_entries in all.
+
+    `loss_fn(model) -> scalar` draws a batch and returns the training loss (it is called `warmup_iters` times).
+    The model's parameters and requires_grad flags are restored afterwards: only the selection remains.
+    """
+    layers = candidate_layers(model, cfg)
+    params = [m.weight for _, m in layers]
+    w0 = [p.detach().clone() for p in params]
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    # SGD, not Adam: Adam's first steps move every weight by about lr, so |W_k - W_0| would rank nothing
+    opt = torch.optim.SGD(params, lr=cfg.warmup_lr, momentum=0.9)
+    grad_scores = [torch.zeros_like(p) for p in params]
+    was_training = model.training
+    model.train()
+    fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        for _ in range(cfg.warmup_iters):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            for s, p in zip(grad_scores, params):
+                if p.grad is not None:
+                    s.add_((p.grad * p.detach()).abs())
+            opt.step()
+    if cfg.score == "magnitude":
+        scores = [(p.detach() - w).abs() for p, w in zip(params, w0)]
+    else:
+        scores = grad_scores
+    model.load_state_dict(saved_state)  # reset to W_0 (and anything else the warm-up touched)
+    for p in model.parameters():
+        p.requires_grad_(saved_flags[id(p)])
+    model.train(was_training)
+    return _top_entries([p for p, _ in layers], scores, num_entries, cfg.ranking)
+
+
+def _top_entries(paths, scores, num_entries, ranking) -> dict:
+    flat = [s.flatten().float() for s in scores]
+    total = sum(f.numel() for f in flat)
+    num_entries = min(num_entries, total)
+    if ranking == "global":
+        top = torch.topk(torch.cat(flat), num_entries, sorted=False).indices
+        bounds = torch.tensor([0] + [f.numel() for f in flat]).cumsum(0)
+        out = {}
+        for i, path in enumerate(paths):
+            sel = top[(top >= bounds[i]) & (top < bounds[i + 1])] - bounds[i]
+            out[path] = torch.sort(sel).values
+        return out
+    out, left = {}, num_entries  # per layer: the same fraction of each, rounded down, never over the budget
+    for path, f in zip(paths, flat):
+        k = min(int(num_entries * f.numel() / total), left)
+        out[path] = torch.sort(torch.topk(f, k, sorted=False).indices).values
+        left -= k
+    return out
+
+
+def plan_external(model: nn.Module, cfg: SFAConfig, budget: int):
+    """(blocks, parameter count) of the external adapters: one after the MLP of each of the last backbone
+    blocks, counted from the last backwards while they fit in `adapter_fraction` of the budget."""
+    from .. import sites
+    from .adapter import adapter_parameter_count
+
+    blocks = [(p, b) for p, b in model.named_modules() if sites.is_transformer_block(b)]
+    chosen, used = [], 0
+    for path, block in reversed(blocks):
+        n = adapter_parameter_count(sites.block_dim(block), cfg.adapter_bottleneck)
+        if used + n > cfg.adapter_fraction * budget:
+            break
+        chosen.insert(0, (path, block))
+        used += n
+    return chosen, used
+
+
+def select(model: nn.Module, cfg: SFAConfig, loss_fn) -> dict:
+    """Plan the external adapters, then select the internal weights with what is left of the budget
+    (`select_internal`). Run on the base model before `peft_d2.inject(..., sfa_selection=...)`."""
+    budget = cfg.total_budget(model)
+    _, adapter_params = plan_external(model, cfg, budget)
+    return select_internal(model, cfg, loss_fn, budget - adapter_params)
