@@ -1,0 +1,256 @@
+// CUDA kernels of multi-scale deformable attention (float32, float64, float16, bfloat16), with the optional LoRA
+// side input z. One warp per (n, q, h): lanes cover the D value channels then the R channels of z, so loads of a
+// corner's row are coalesced; the geometry (corners, weights) is computed redundantly by every lane in registers.
+// Half types accumulate in float32; sampling_locations/attention_weights may be float32 under half values (the
+// autocast policy keeps the geometry in float32). Backward scatter-adds go through atomics into float32 (or
+// float64) buffers that are cast to the input dtype at the end.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "ms_deform_attn.h"
+
+namespace peft_d2 {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kBlock = 256;
+
+struct Dims {
+  int64_t N, S, H, D, R, Q, L, P;
+};
+
+template <typename A>
+struct Corners {
+  int n;
+  int64_t idx[4];
+  A w[4];
+  A dx[4];
+  A dy[4];
+};
+
+// Same convention as the CPU kernel: pixel centres at (i + 0.5) / size, corners outside the level dropped.
+template <typename A>
+__device__ __forceinline__ void bilinear_corners(A loc_x, A loc_y, int64_t Hl, int64_t Wl, int64_t start,
+                                                 Corners<A>& c) {
+  c.n = 0;
+  const A x = loc_x * static_cast<A>(Wl) - A(0.5);
+  const A y = loc_y * static_cast<A>(Hl) - A(0.5);
+  if (!(x >= A(-1) && x < static_cast<A>(Wl) && y >= A(-1) && y < static_cast<A>(Hl))) return;
+  const A fx = floor(x), fy = floor(y);
+  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
+  const A ax = x - fx, ay = y - fy, bx = A(1) - ax, by = A(1) - ay;
+  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < Wl, vy0 = y0 >= 0, vy1 = y0 + 1 < Hl;
+  if (vy0 && vx0) {
+    c.idx[c.n] = start + y0 * Wl + x0; c.w[c.n] = bx * by; c.dx[c.n] = -by; c.dy[c.n] = -bx; ++c.n;
+  }
+  if (vy0 && vx1) {
+    c.idx[c.n] = start + y0 * Wl + x0 + 1; c.w[c.n] = ax * by; c.dx[c.n] = by; c.dy[c.n] = -ax; ++c.n;
+  }
+  if (vy1 && vx0) {
+    c.idx[c.n] = start + (y0 + 1) * Wl + x0; c.w[c.n] = bx * ay; c.dx[c.n] = -ay; c.dy[c.n] = bx; ++c.n;
+  }
+  if (vy1 && vx1) {
+    c.idx[c.n] = start + (y0 + 1) * Wl + x0 + 1; c.w[c.n] = ax * ay; c.dx[c.n] = ay; c.dy[c.n] = ax; ++c.n;
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename scalar_t, typename geom_t>
+__global__ void __launch_bounds__(kBlock) forward_kernel(Dims d, const scalar_t* __restrict__ value,
+                                                         const scalar_t* __restrict__ z,
+                                                         const int64_t* __restrict__ ss,
+                                                         const int64_t* __restrict__ lsi,
+                                                         const geom_t* __restrict__ loc,
+                                                         const geom_t* __restrict__ attn,
+                                                         scalar_t* __restrict__ out, scalar_t* __restrict__ zs) {
+  using A = at::opmath_type<scalar_t>;
+  const int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (b >= d.N * d.Q * d.H) return;  // uniform across the warp
+  const int64_t n = b / (d.Q * d.H), h = b % d.H, LP = d.L * d.P, HD = d.H * d.D, C = d.D + d.R;
+  const scalar_t* vb = value + n * d.S * HD + h * d.D;
+  const scalar_t* zb = z + n * d.S * d.R;
+  for (int64_t c0 = 0; c0 < C; c0 += kWarp) {
+    const int64_t ch = c0 + lane;
+    if (ch >= C) break;
+    const bool is_v = ch < d.D;
+    A acc = A(0);
+    Corners<A> c;
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+      for (int64_t p = 0; p < d.P; ++p) {
+        const int64_t lp = b * LP + l * d.P + p;
+        bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
+        const A a = static_cast<A>(attn[lp]);
+        for (int k = 0; k < c.n; ++k) {
+          const A v = is_v ? static_cast<A>(vb[c.idx[k] * HD + ch]) : static_cast<A>(zb[c.idx[k] * d.R + ch - d.D]);
+          acc += a * c.w[k] * v;
+        }
+      }
+    }
+    if (is_v) {
+      out[b * d.D + ch] = static_cast<scalar_t>(acc);
+    } else {
+      zs[b * d.R + ch - d.D] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+template <typename scalar_t, typename geom_t>
+__global__ void __launch_bounds__(kBlock) backward_kernel(
+    Dims d, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ grad_zs,
+    const scalar_t* __restrict__ value, const scalar_t* __restrict__ z, const int64_t* __restrict__ ss,
+    const int64_t* __restrict__ lsi, const geom_t* __restrict__ loc, const geom_t* __restrict__ attn,
+    at::opmath_type<scalar_t>* __restrict__ grad_value, at::opmath_type<scalar_t>* __restrict__ grad_z,
+    at::opmath_type<scalar_t>* __restrict__ grad_loc, at::opmath_type<scalar_t>* __restrict__ grad_attn) {
+  using A = at::opmath_type<scalar_t>;
+  const int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (b >= d.N * d.Q * d.H) return;  // uniform across the warp: every lane below joins the shuffles
+  const int64_t n = b / (d.Q * d.H), h = b % d.H, LP = d.L * d.P, HD = d.H * d.D, C = d.D + d.R;
+  const scalar_t* vb = value + n * d.S * HD + h * d.D;
+  A* gvb = grad_value + n * d.S * HD + h * d.D;
+  const scalar_t* zb = z + n * d.S * d.R;
+  A* gzb = grad_z + n * d.S * d.R;
+  Corners<A> c;
+  for (int64_t l = 0; l < d.L; ++l) {
+    const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+    for (int64_t p = 0; p < d.P; ++p) {
+      const int64_t lp = b * LP + l * d.P + p;
+      bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
+      const A a = static_cast<A>(attn[lp]);
+      A gw = A(0), gx = A(0), gy = A(0);
+      for (int64_t ch = lane; ch < C; ch += kWarp) {
+        const bool is_v = ch < d.D;
+        const A g = is_v ? static_cast<A>(grad_out[b * d.D + ch]) : static_cast<A>(grad_zs[b * d.R + ch - d.D]);
+        for (int k = 0; k < c.n; ++k) {
+          const int64_t i = c.idx[k];
+          const A v = is_v ? static_cast<A>(vb[i * HD + ch]) : static_cast<A>(zb[i * d.R + ch - d.D]);
+          const A dot = v * g;
+          gw += c.w[k] * dot;
+          gx += c.dx[k] * dot;
+          gy += c.dy[k] * dot;
+          atomicAdd(is_v ? gvb + i * HD + ch : gzb + i * d.R + ch - d.D, a * c.w[k] * g);
+        }
+      }
+      gw = warp_sum(gw);
+      gx = warp_sum(gx);
+      gy = warp_sum(gy);
+      if (lane == 0) {
+        grad_attn[lp] = gw;
+        grad_loc[2 * lp] = a * gx * static_cast<A>(Wl);
+        grad_loc[2 * lp + 1] = a * gy * static_cast<A>(Hl);
+      }
+    }
+  }
+}
+
+Dims dims_of(const at::Tensor& value, const at::Tensor& z, const at::Tensor& loc) {
+  return {value.size(0), value.size(1), value.size(2), value.size(3), z.defined() ? z.size(2) : 0,
+          loc.size(1),   loc.size(3),   loc.size(4)};
+}
+
+int64_t num_blocks(const Dims& d) { return (d.N * d.Q * d.H * kWarp + kBlock - 1) / kBlock; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> msda_forward_cuda(const at::Tensor& value_, const at::Tensor& z_,
+                                                     const at::Tensor& spatial_shapes_,
+                                                     const at::Tensor& level_start_index_,
+                                                     const at::Tensor& sampling_locations_,
+                                                     const at::Tensor& attention_weights_) {
+  check_msda_inputs(value_, z_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_, true);
+  const c10::cuda::CUDAGuard guard(value_.device());
+  const auto value = value_.contiguous(), loc = sampling_locations_.contiguous(),
+             attn = attention_weights_.contiguous(), ss = spatial_shapes_.contiguous(),
+             lsi = level_start_index_.contiguous();
+  const auto z = z_.defined() ? z_.contiguous() : z_;
+  const Dims d = dims_of(value, z, loc);
+  auto out = at::empty({d.N, d.Q, d.H * d.D}, value.options());
+  auto zs = at::empty({d.N, d.Q, d.H, d.R}, value.options());
+  if (out.numel() + zs.numel() == 0) return {out, zs};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    const scalar_t* zp = d.R ? z.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* zsp = d.R ? zs.mutable_data_ptr<scalar_t>() : nullptr;
+    if (loc.scalar_type() == value.scalar_type()) {
+      forward_kernel<scalar_t, scalar_t><<<num_blocks(d), kBlock, 0, stream>>>(
+          d, value.const_data_ptr<scalar_t>(), zp, ss.const_data_ptr<int64_t>(), lsi.const_data_ptr<int64_t>(),
+          loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), zsp);
+    } else {
+      forward_kernel<scalar_t, float><<<num_blocks(d), kBlock, 0, stream>>>(
+          d, value.const_data_ptr<scalar_t>(), zp, ss.const_data_ptr<int64_t>(), lsi.const_data_ptr<int64_t>(),
+          loc.const_data_ptr<float>(), attn.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), zsp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, zs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& grad_zs_, const at::Tensor& value_, const at::Tensor& z_,
+    const at::Tensor& spatial_shapes_, const at::Tensor& level_start_index_, const at::Tensor& sampling_locations_,
+    const at::Tensor& attention_weights_) {
+  check_msda_inputs(value_, z_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_, true);
+  const c10::cuda::CUDAGuard guard(value_.device());
+  const auto value = value_.contiguous(), loc = sampling_locations_.contiguous(),
+             attn = attention_weights_.contiguous(), ss = spatial_shapes_.contiguous(),
+             lsi = level_start_index_.contiguous();
+  const auto z = z_.defined() ? z_.contiguous() : z_;
+  const Dims d = dims_of(value, z, loc);
+  TORCH_CHECK(grad_output_.numel() == d.N * d.Q * d.H * d.D && grad_output_.scalar_type() == value.scalar_type() &&
+                  grad_output_.device() == value.device(),
+              "ms_deform_attn backward: grad_output must be (N, Q, H*D) of value's dtype and device, got ",
+              grad_output_.sizes(), " ", grad_output_.scalar_type(), " on ", grad_output_.device());
+  const auto grad_output = grad_output_.contiguous();
+  at::Tensor grad_zs;
+  if (d.R) {
+    TORCH_CHECK(grad_zs_.defined() && grad_zs_.numel() == d.N * d.Q * d.H * d.R &&
+                    grad_zs_.scalar_type() == value.scalar_type() && grad_zs_.device() == value.device(),
+                "ms_deform_attn_lora backward: grad_zs must be (N, Q, H, r) of value's dtype and device");
+    grad_zs = grad_zs_.contiguous();
+  }
+  const auto acc = value.options().dtype(at::toOpMathType(value.scalar_type()));
+  auto grad_value = at::zeros(value.sizes(), acc);
+  auto grad_z = at::zeros({d.N, d.S, d.R}, acc);
+  auto grad_loc = at::zeros(loc.sizes(), acc);
+  auto grad_attn = at::zeros(attn.sizes(), acc);
+  if (d.N * d.Q * d.H > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+          using A = at::opmath_type<scalar_t>;
+          const scalar_t* zp = d.R ? z.const_data_ptr<scalar_t>() : nullptr;
+          const scalar_t* gzsp = d.R ? grad_zs.const_data_ptr<scalar_t>() : nullptr;
+          A* gzp = d.R ? grad_z.mutable_data_ptr<A>() : nullptr;
+          if (loc.scalar_type() == value.scalar_type()) {
+            backward_kernel<scalar_t, scalar_t><<<num_blocks(d), kBlock, 0, stream>>>(
+                d, grad_output.const_data_ptr<scalar_t>(), gzsp, value.const_data_ptr<scalar_t>(), zp,
+                ss.const_data_ptr<int64_t>(), lsi.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                attn.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<A>(), gzp, grad_loc.mutable_data_ptr<A>(),
+                grad_attn.mutable_data_ptr<A>());
+          } else {
+            backward_kernel<scalar_t, float><<<num_blocks(d), kBlock, 0, stream>>>(
+                d, grad_output.const_data_ptr<scalar_t>(), gzsp, value.const_data_ptr<scalar_t>(), zp,
+                ss.const_data_ptr<int64_t>(), lsi.const_data_ptr<int64_t>(), loc.const_data_ptr<float>(),
+                attn.const_data_ptr<float>(), grad_value.mutable_data_ptr<A>(), gzp, grad_loc.mutable_data_ptr<A>(),
+                grad_attn.mutable_data_ptr<A>());
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  at::Tensor gz;
+  if (z.defined()) gz = grad_z.to(value.scalar_type());
+  return {grad_value.to(value.scalar_type()), gz, grad_loc.to(loc.scalar_type()), grad_attn.to(attn.scalar_type())};
+}
+
+}  // namespace peft_d2
