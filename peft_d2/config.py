@@ -114,15 +114,18 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
 
 
 def get_cfg() -> CN:
-    """detectron2's default config with the DeepLab, Mask2Former and MODEL.PEFT keys added: the config
-    every peft_d2 tool reads."""
+    """detectron2's default config with the DeepLab, Mask2Former, ViT (MODEL.VIT), SAM (MODEL.SAM) and
+    MODEL.PEFT keys added: the config every peft_d2 tool reads."""
     from detectron2.config import get_cfg as d2_get_cfg
     from detectron2.projects.deeplab import add_deeplab_config
 
-    from .modeling.config import add_maskformer2_config
+    from .modeling.backbone.sam import add_sam_config
+    from .modeling.config import add_maskformer2_config, add_vit_config
 
     cfg = d2_get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
+    add_vit_config(cfg)
+    add_sam_config(cfg)
     add_peft_config(cfg)
     return cfg

@@ -111,6 +111,18 @@ class LoRALayer:
         cobot = self.__dict__.get("lora_cobot")
         return None if cobot is None else cobot.slot_matrix(self.lora_slots[i])
 
+    def lora_fusable(self) -> bool:
+        """True when the update is s * B z with z = lora_down(x) over the whole output: what a fused kernel
+        (peft_d2.ops.ms_deform_attn_lora) computes without forming the updated output."""
+        full = len(self.lora_row_blocks) == 1 and self.lora_row_blocks[0] == (0, self._lora_weight().shape[0])
+        return full and not self.lora_merged and self.__dict__.get("lora_gate") is None
+
+    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """z = A dropout(x) (then M_t z with COBOT), (..., in) -> (..., r), for a fusable layer."""
+        z = F.linear(self.lora_dropout(x), self.lora_A[0])
+        mid = self._lora_mid(0)
+        return z if mid is None else F.linear(z, mid)
+
     def lora_delta_weight(self) -> torch.Tensor:
         """s * B A (or B M A with COBOT) scattered into the layer's (out, in) weight shape."""
         weight = self._lora_weight()

@@ -1,0 +1,76 @@
+"""Fold an adapter's LoRA into its base model and write a plain detectron2 checkpoint.
+
+    python tools/merge_adapter.py --config-file configs/.../peft/lora.yaml \
+        --adapter output/adapter_final.safetensors --output output/merged.pth [KEY VALUE ...]
+
+Builds the model of the config (MODEL.META_ARCHITECTURE "PEFT"), loads MODEL.WEIGHTS then the adapter, and
+writes `--output` ({"model": state dict}) plus `<output>.yaml`, the same config without PEFT that loads it.
+Adapters (bottleneck modules) cannot be folded into base weights: such an adapter file is refused.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from detectron2.modeling import build_model
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import peft_d2.build  # noqa: E402,F401 - registers the PEFT meta-architecture
+import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
+from peft_d2.checkpoint import load_adapter, merged_state_dict  # noqa: E402
+from peft_d2.config import get_cfg  # noqa: E402
+from peft_d2.engine import PeftCheckpointer  # noqa: E402
+
+
+def merge(cfg, adapter: str, output: str) -> str:
+    if cfg.MODEL.META_ARCHITECTURE != "PEFT":
+        raise SystemExit(
+            f"MODEL.META_ARCHITECTURE must be 'PEFT' to merge an adapter, got {cfg.MODEL.META_ARCHITECTURE!r}"
+        )
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        PeftCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_adapter(model, adapter)
+    state = merged_state_dict(model)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model": state, "__author__": "peft_d2.merge_adapter"}, f)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    plain = cfg.clone()
+    plain.defrost()
+    plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
+    plain.MODEL.PEFT.METHODS = []
+    plain.MODEL.PEFT.WEIGHTS = ""
+    plain.MODEL.WEIGHTS = os.path.abspath(output)
+    with open(output + ".yaml", "w") as f:
+        f.write(plain.dump())
+    return output
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--adapter", default="", help="adapter file (default: MODEL.PEFT.WEIGHTS)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
+    args = parser.parse_args(argv)
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    adapter = args.adapter or cfg.MODEL.PEFT.WEIGHTS
+    if not adapter:
+        raise SystemExit("give --adapter or MODEL.PEFT.WEIGHTS")
+    print(f"merged checkpoint written to {merge(cfg, adapter, args.output)} (config: {args.output}.yaml)")
+
+
+if __name__ == "__main__":
+    main()
