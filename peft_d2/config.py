@@ -113,19 +113,22 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
                       trainable=tuple(p.TRAINABLE))
 
 
-def get_cfg() -> CN:
-    """detectron2's default config with the DeepLab, Mask2Former, ViT (MODEL.VIT), SAM (MODEL.SAM) and
-    MODEL.PEFT keys added: the config every peft_d2 tool reads."""
-    from detectron2.config import get_cfg as d2_get_cfg
+def config_functions() -> list:
+    """The functions that add DeepLab's (poly LR schedule), Mask2Former's, ViT's (MODEL.VIT), SAM's
+    (MODEL.SAM) and peft_d2's (MODEL.PEFT) keys to detectron2's default config, in order."""
     from detectron2.projects.deeplab import add_deeplab_config
 
     from .modeling.backbone.sam import add_sam_config
     from .modeling.config import add_maskformer2_config, add_vit_config
 
+    return [add_deeplab_config, add_maskformer2_config, add_vit_config, add_sam_config, add_peft_config]
+
+
+def get_cfg() -> CN:
+    """detectron2's default config with every key of `config_functions()`: the config peft_d2's tools read."""
+    from detectron2.config import get_cfg as d2_get_cfg
+
     cfg = d2_get_cfg()
-    add_deeplab_config(cfg)
-    add_maskformer2_config(cfg)
-    add_vit_config(cfg)
-    add_sam_config(cfg)
-    add_peft_config(cfg)
+    for fn in config_functions():
+        fn(cfg)
     return cfg

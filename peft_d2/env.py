@@ -6,6 +6,15 @@ import platform
 import sys
 
 
+def reference_dir() -> str:
+    """Where tools/setup_env.sh unpacks the official Mask2Former sdist (the parity tests' reference):
+    $PEFT_D2_REFS/maskformer2-0.1; PEFT_D2_REFS defaults to ${PEFT_D2_HOME:-~/.cache/peft_d2}/refs."""
+    home = os.environ.get("PEFT_D2_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "peft_d2"
+    )
+    return os.path.join(os.environ.get("PEFT_D2_REFS") or os.path.join(home, "refs"), "maskformer2-0.1")
+
+
 def _version(name):
     try:
         mod = importlib.import_module(name)
@@ -63,6 +72,8 @@ def collect() -> list:
             info = {"peft_d2._C": f"unavailable ({type(e).__name__}: {e})", "operator backend": "reference"}
     for k, v in info.items():
         rows.append((k, str(v)))
+    ref = reference_dir()
+    rows.append(("Mask2Former reference", ref if os.path.isdir(ref) else f"missing ({ref})"))
     return rows
 
 

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from peft_d2 import ops
+from peft_d2.env import reference_dir
 from peft_d2.ops import _extension
 
-OFFICIAL_FUNC = (
-    Path.home()
-    / ".cache/peft_d2/refs/maskformer2-0.1/mask2former/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py"
-)
+OFFICIAL_FUNC = Path(reference_dir()) / "mask2former/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py"
 NO_EXT = os.environ.get("PEFT_D2_NO_EXT") == "1"
 
 

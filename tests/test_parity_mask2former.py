@@ -12,7 +12,6 @@ each criterion), gradients, and semantic / instance / panoptic inference must ag
 """
 
 import importlib
-import os
 import sys
 import types
 from contextlib import contextmanager
@@ -27,9 +26,10 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_H
 from detectron2.structures import Instances
 
 import peft_d2.modeling as ours
+from peft_d2.env import reference_dir
 from peft_d2.modeling import add_maskformer2_config
 
-REFS = Path(os.environ.get("PEFT_D2_REFS", "~/.cache/peft_d2/refs/maskformer2-0.1")).expanduser()
+REFS = Path(reference_dir())
 PKG = REFS / "mask2former"
 ALIAS = "_peft_d2_official_mask2former"
 REGISTRIES = (BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, META_ARCH_REGISTRY)

@@ -2,7 +2,7 @@
 
 from .checkpoint import PeftCheckpointer
 from .hooks import AdapterExportHook, ParameterReportHook
-from .optim import build_peft_optimizer, peft_param_groups
+from .optim import build_optimizer, build_peft_optimizer, peft_param_groups
 
-__all__ = ["PeftCheckpointer", "AdapterExportHook", "ParameterReportHook", "build_peft_optimizer",
+__all__ = ["PeftCheckpointer", "AdapterExportHook", "ParameterReportHook", "build_optimizer", "build_peft_optimizer",
            "peft_param_groups"]

@@ -39,16 +39,40 @@ def peft_param_groups(cfg, model) -> list:
 
 
 def build_peft_optimizer(cfg, model) -> torch.optim.Optimizer:
-    """AdamW (SOLVER.OPTIMIZER "ADAMW", the default for PEFT) or SGD over `peft_param_groups`, with
-    detectron2's gradient clipping from SOLVER.CLIP_GRADIENTS."""
+    """`build_optimizer` over `peft_param_groups`."""
     groups = peft_param_groups(cfg, model)
     if not groups:
         raise ValueError("no trainable parameters: check MODEL.PEFT.METHODS and MODEL.PEFT.TRAINABLE")
+    return build_optimizer(cfg, groups)
+
+
+def build_optimizer(cfg, groups: list) -> torch.optim.Optimizer:
+    """AdamW or SGD (SOLVER.OPTIMIZER, default ADAMW) over parameter groups, with SOLVER.CLIP_GRADIENTS:
+    CLIP_TYPE "full_model" clips the global norm of all parameters at once (Mask2Former's recipe); "value"
+    and "norm" are detectron2's per-parameter clipping."""
     name = cfg.SOLVER.get("OPTIMIZER", "ADAMW").upper()
     if name == "ADAMW":
-        cls, kwargs = torch.optim.AdamW, {"betas": (0.9, 0.999)}
+        cls, kwargs = torch.optim.AdamW, {}
     elif name == "SGD":
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {name!r}")
-    return maybe_add_gradient_clipping(cfg, cls)(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+        raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {cfg.SOLVER.OPTIMIZER!r}")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        cls = _with_full_model_clipping(cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+    else:
+        cls = maybe_add_gradient_clipping(cfg, cls)
+    return cls(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+
+
+def _with_full_model_clipping(optim_cls, clip_value: float, norm_type: float):
+    """A subclass of `optim_cls` whose step() first clips the gradient norm of all its parameters together."""
+
+    class FullModelGradientClipping(optim_cls):
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip_value, norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = f"{optim_cls.__name__}WithFullModelGradientClipping"
+    return FullModelGradientClipping

@@ -1,0 +1,147 @@
+"""tools/train_net.py with every PEFT config on the synthetic domain B: training, adapter export, --resume,
+--eval-only from the adapter, and a 2-process gloo run (DDP over trainable tensors only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_d2.checkpoint import read_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+ROOT = Path(__file__).resolve().parents[1]
+PEFT_DIR = ROOT / "configs" / "synthetic" / "peft"
+OPTS = [
+    "MODEL.WEIGHTS", "", "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+    "SEED", "1", "MODEL.PEFT.SFA.WARMUP_ITERS", "2",
+]  # fmt: skip
+METHODS = ["lora_backbone", "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3", "lora_adapters",
+           "prefix", "mopeft", "cobot_lora", "sfa", "baseline_heads_only", "baseline_decoder_only",
+           "baseline_whole_head"]
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location("peft_d2_train_net", ROOT / "tools" / "train_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from peft_d2.data.synthetic import generate_split
+
+    root = tmp_path_factory.mktemp("d2datasets")
+    generate_split(str(root / "synthetic"), "B", "train", 8, image_size=64, seed=4)
+    generate_split(str(root / "synthetic"), "B", "val", 4, image_size=64, seed=4)
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(root)
+    train_net = _load_train_net()
+    train_net.Trainer.log_period = 1
+    yield train_net, root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+def train(train_net, method, out_dir, *extra, opts=()):
+    argv = ["--config-file", str(PEFT_DIR / f"{method}.yaml"), "--num-gpus", "1", *extra,
+            "OUTPUT_DIR", str(out_dir), *OPTS, *opts]
+    return train_net.main(train_net.default_argument_parser().parse_args(argv))
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(out_dir / "metrics.json")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_peft_config_trains(env, method, tmp_path):
+    train_net, _ = env
+    results = train(train_net, method, tmp_path, opts=["SOLVER.MAX_ITER", "3"])
+    rows = metrics(tmp_path)
+    losses = [r["total_loss"] for r in rows if "total_loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    report = next(r for r in rows if "peft/trainable_params" in r)
+    assert 0 < report["peft/trainable_percent"] < 100
+    tensors, meta, config = read_adapter(str(tmp_path / "adapter_final.safetensors"))
+    assert sum(t.numel() for k, t in tensors.items() if not k.endswith("sfa_index")) == report["peft/trainable_params"]
+    assert "segm" in results
+    # the training checkpoint holds trainable tensors only
+    final = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert final["peft_partial"] and len(final["model"]) == len(tensors)
+
+
+@pytest.mark.slow
+def test_resume_and_eval_only_from_adapter(env, tmp_path):
+    train_net, _ = env
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "2"]
+    train(train_net, "lora_adapters", tmp_path, opts=[*opts, "SOLVER.MAX_ITER", "4"])
+    first = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    results = train(train_net, "lora_adapters", tmp_path, "--resume", opts=[*opts, "SOLVER.MAX_ITER", "6"])
+    iters = [r["iteration"] for r in metrics(tmp_path) if "total_loss" in r]
+    assert iters == [0, 1, 2, 3, 4, 5]  # the second run continued at iteration 4
+    second = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    adapter = str(tmp_path / "adapter_final.safetensors")
+    again = train(train_net, "lora_adapters", tmp_path / "eval", "--eval-only", opts=["MODEL.PEFT.WEIGHTS", adapter])
+    assert again["segm"]["AP"] == pytest.approx(results["segm"]["AP"], abs=1e-6)
+
+
+DRIVER = """
+import sys, torch
+sys.path.insert(0, {tools!r})
+import train_net
+from detectron2.engine import launch
+from detectron2.utils import comm
+
+def worker(argv, out):
+    args = train_net.default_argument_parser().parse_args(argv)
+    cfg = train_net.setup(args)
+    train_net.patch_cpu_ddp()
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = train_net._unwrap(trainer.model)
+    assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    before = {{n: p.detach().clone() for n, p in model.named_parameters()}}
+    trainer.train()
+    after = dict(model.named_parameters())
+    changed = [n for n, p in after.items() if not torch.equal(p, before[n])]
+    torch.save({{"trainable": {{n: p.detach() for n, p in after.items() if p.requires_grad}},
+                "frozen_changed": [n for n in changed if not after[n].requires_grad],
+                "trainable_changed": [n for n in changed if after[n].requires_grad]}},
+               f"{{out}}/rank{{comm.get_rank()}}.pt")
+
+if __name__ == "__main__":
+    launch(worker, 2, dist_url="auto", args=(sys.argv[2:], sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(env, tmp_path):
+    _, root = env
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(DRIVER.format(tools=str(ROOT / "tools"))))
+    argv = ["--config-file", str(PEFT_DIR / "lora_adapters.yaml"), "OUTPUT_DIR", str(tmp_path / "out"), *OPTS,
+            "SOLVER.MAX_ITER", "3"]
+    env_vars = {**os.environ, "DETECTRON2_DATASETS": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], env=env_vars, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["frozen_changed"] == [] and r1["frozen_changed"] == []
+    assert len(r0["trainable_changed"]) == len(r0["trainable"]) > 0
+    for name, t in r0["trainable"].items():
+        assert torch.equal(t, r1["trainable"][name]), name
