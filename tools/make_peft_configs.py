@@ -34,7 +34,6 @@ METHODS = {
     METHODS: ["adapter"]
     ADAPTER:
       NUM_PER_SITE: {n}
-      BOTTLENECK: 64
       PLACEMENTS: {HEAD_SITES}""") for n in (1, 2, 3)},
     "lora_adapters": ("LoRA in the backbone and MSDeformAttn plus 2 adapters per head site", f"""
     METHODS: ["lora", "adapter"]
@@ -43,7 +42,6 @@ METHODS = {
       MSDA_LAYERS: ["sampling_offsets", "value_proj"]
     ADAPTER:
       NUM_PER_SITE: 2
-      BOTTLENECK: 64
       PLACEMENTS: {HEAD_SITES}"""),
     "prefix": ("prefix tuning (8 tokens) in every Swin attention and the decoder self-attention", """
     METHODS: ["prefix"]
