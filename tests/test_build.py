@@ -96,3 +96,40 @@ def test_optimizer_groups_hold_only_trainable_tensors():
     opt = build_peft_optimizer(cfg, model)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_mask_rcnn_with_a_vit_backbone_adopts_peft_through_the_backbone_hook():
+    from detectron2.utils.events import EventStorage
+
+    from peft_d2.modeling import add_vit_config
+
+    cfg = small_rcnn_cfg(**{"MODEL.BACKBONE.NAME": "PEFTBackbone",
+                            "MODEL.PEFT.BASE_BACKBONE": "D2ViTSimpleFeaturePyramid",
+                            "MODEL.PEFT.METHODS": ["lora", "adapter"],
+                            "MODEL.PEFT.LORA.TARGETS": ["net.blocks.*.attn.qkv"], "MODEL.PEFT.TRAINABLE": []})
+    add_vit_config(cfg)
+    v = cfg.MODEL.VIT
+    v.IMG_SIZE, v.PATCH_SIZE, v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.WINDOW_SIZE = 128, 16, 48, 2, 4, 4
+    v.WINDOW_BLOCK_INDEXES, v.PRETRAIN_IMG_SIZE, v.OUT_CHANNELS = [0], 128, 32
+    feats = ["res2", "res3", "res4", "res5"]
+    cfg.merge_from_list(["MODEL.RPN.IN_FEATURES", feats, "MODEL.ROI_HEADS.IN_FEATURES", feats,
+                         "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256]]])
+    model = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
+    assert backbone_trainable and all(".lora_" in n or ".adapter." in n for n in backbone_trainable)
+    assert any(n.startswith("roi_heads.") for n in trainable)  # the detector's heads train as usual
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    inst = Instances((128, 128))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]]))
+    inst.gt_classes = torch.tensor([1])
+    masks = torch.zeros(1, 128, 128, dtype=torch.bool)
+    masks[0, 10:70, 10:60] = True
+    inst.gt_masks = BitMasks(masks)
+    model.train()
+    with EventStorage(0):
+        losses = model([{"image": torch.rand(3, 128, 128) * 255, "instances": inst}])
+    sum(losses.values()).backward()
+    assert model.backbone.net.blocks[0].attn.qkv.lora_B.grad is not None
+    assert model.backbone.net.blocks[0].attn.qkv.weight.grad is None

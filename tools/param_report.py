@@ -89,7 +89,7 @@ def main(argv=None):
     for base in args.bases or [None]:
         for path in args.config_file:
             name = os.path.splitext(os.path.basename(path))[0]
-            scale = os.path.splitext(os.path.basename(base))[0] if base else "(own _BASE_)"
+            scale = os.path.splitext(os.path.basename(base))[0] if base else "own-base"
             try:
                 m = measure(load_cfg(path, base))
             except PeftConfigError as e:
@@ -102,7 +102,7 @@ def main(argv=None):
             rows.append([scale, name, f"{r['total']:,}", f"{r['trainable']:,}", f"{r['percent']:.2f}",
                          ckpt, f"{m['full_bytes'] / 2**20:.1f}", ratio + ("  " + methods if methods else "")])
     print(tabulate(rows, headers=["base", "config", "params", "trainable", "trainable %", "adapter MiB",
-                                  "full MiB", "adapter % of full / by method"]))
+                                  "full MiB", "adapter % of full / by method"], disable_numparse=True))
 
 
 if __name__ == "__main__":

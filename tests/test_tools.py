@@ -1,0 +1,55 @@
+"""tools/gate_stats.py and tools/param_report.py on small models (no timing here: benchmarks print ratios)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _models import images, tiny_vit
+
+from peft_d2 import AdapterConfig, LoRAConfig, PeftConfig, inject
+from peft_d2.tuners.prefix import PrefixConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def test_gate_stats_average_the_recorded_gates():
+    import gate_stats
+
+    model = tiny_vit()
+    inject(model, PeftConfig(methods=("lora", "prefix", "adapter", "mopeft"),
+                             lora=LoRAConfig(targets=["blocks.*.attn.qkv"]), prefix=PrefixConfig(length=2),
+                             adapter=AdapterConfig(placements=("mlp",))))
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.mopeft_gates.proj.weight.normal_()
+    loader = [images(2), images(1) * 2]
+    stats = gate_stats.gate_stats(model, loader)
+    assert list(stats) == ["blocks.0", "blocks.1", "blocks.2"]
+    # the recorded mean equals the mean of the gates computed image by image
+    manual = []
+    for x in (images(2), images(1) * 2):
+        for i in range(x.shape[0]):
+            model(x[i : i + 1])
+            manual.append(model.blocks[1].mopeft_gates.current[0])
+    expected = torch.stack(manual).mean(0)
+    assert stats["blocks.1"] == pytest.approx({m: float(v) for m, v in zip(("lora", "prefix", "adapter"), expected)},
+                                              rel=1e-5)
+    assert not model.blocks[0].mopeft_gates.record
+
+
+def test_param_report_counts_and_sizes(capsys):
+    import param_report
+
+    peft = ROOT / "configs" / "synthetic" / "peft"
+    param_report.main(["--config-file", str(peft / "lora_backbone.yaml"), str(peft / "full_finetune.yaml"),
+                       str(peft / "sfa.yaml")])
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"lora_backbone", "full_finetune", "sfa"}
+    assert rows["full_finetune"][4] == "100.00" and float(rows["lora_backbone"][4]) < 5
+    sfa = param_report.measure(param_report.load_cfg(str(peft / "sfa.yaml")))["report"]
+    used = sfa["by_method"]["sfa"] + sfa["by_method"].get("adapter", 0)
+    assert 0 < used <= 0.01 * (sfa["total"] - used)  # the SFA budget: 1% of the base model
+    assert float(rows["lora_backbone"][7]) < 3  # adapter file under 3% of the full checkpoint

@@ -1,0 +1,189 @@
+"""Training step time and peak memory of full fine-tuning against PEFT configs, side by side in one process.
+
+    python tools/benchmark_train.py                                     # micro model, CPU, default methods
+    python tools/benchmark_train.py --methods all --rounds 5
+    python tools/benchmark_train.py --device cuda --size 512 --batch 2 --peft-dir configs/coco/peft \
+        --base configs/coco/instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml  # Swin-B
+
+Every config is built once on the same base and fed the same batch; the configs are timed in interleaved
+rounds (the median over rounds is reported), so machine noise hits them alike. Memory:
+- cuda: torch.cuda.max_memory_allocated over a training step;
+- cpu: the same quantity accounted by hand, since CPU has no allocator statistics: parameters + gradients +
+  optimizer state + the activations autograd saves for backward (counted through saved-tensor hooks,
+  each storage once, parameters excluded).
+Ratios are against full fine-tuning (goal from the issue: PEFT memory <= 60%, step time <= 80%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+DEFAULT = ["baseline_heads_only", "baseline_whole_head", "lora_backbone", "lora_msdeformattn", "adapters_1",
+           "adapters_2", "adapters_3", "lora_adapters"]
+ALL = DEFAULT + ["baseline_decoder_only", "prefix", "mopeft", "cobot_lora", "sfa"]
+
+
+def build(config, base, device):
+    from detectron2.modeling import build_model
+
+    from peft_d2.config import get_cfg, peft_config_from_cfg
+    from peft_d2.inject import inject
+    from peft_d2.tuners import sfa
+
+    cfg = get_cfg()
+    cfg.merge_from_file(base)
+    if config is not None:  # apply the PEFT file's meta-architecture and MODEL.PEFT node to the base
+        peft = get_cfg()
+        peft.merge_from_file(config)
+        cfg.MODEL.META_ARCHITECTURE = peft.MODEL.META_ARCHITECTURE
+        cfg.MODEL.PEFT = peft.MODEL.PEFT
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""
+    torch.manual_seed(0)
+    if config is not None and "sfa" in cfg.MODEL.PEFT.METHODS:  # timing needs a selection of the budgeted size
+        plain = cfg.clone()
+        plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
+        model = build_model(plain)
+        pc = peft_config_from_cfg(cfg)
+        budget = pc.sfa.total_budget(model)
+        _, used = sfa.plan_external(model, pc.sfa, budget)
+        layers = sfa.candidate_layers(model, pc.sfa)
+        selection = sfa._top_entries([p for p, _ in layers], [torch.rand_like(m.weight) for _, m in layers],
+                                     budget - used, pc.sfa.ranking)
+        inject(model, pc, sfa_selection=selection)
+    else:
+        model = build_model(cfg)
+    return cfg, model.train()
+
+
+def make_batch(n, size, num_classes, device):
+    from detectron2.structures import BitMasks, Instances
+
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        masks = torch.zeros(3, size, size, dtype=torch.bool)
+        for k in range(3):
+            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            masks[k, y : y + size // 3, x : x + size // 3] = True
+        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
+        inst.gt_masks = BitMasks(masks).tensor
+        batch.append({"image": torch.randint(0, 256, (3, size, size), generator=g).float().to(device),
+                      "height": size, "width": size, "instances": inst.to(device)})
+    return batch
+
+
+def saved_activation_bytes(model, batch):
+    """Bytes of the tensors autograd saves for backward during one forward (each storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    from detectron2.utils.events import EventStorage
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), EventStorage(0):
+        loss = sum(model(batch).values())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def main(argv=None):
+    from detectron2.utils.events import EventStorage
+    from tabulate import tabulate
+    from train_net import build_optimizer_from_trainable
+
+    import peft_d2.build  # noqa: F401
+    import peft_d2.modeling  # noqa: F401
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=os.path.join(ROOT, "configs/synthetic/maskformer2_swin_micro_bs4_B.yaml"))
+    parser.add_argument("--peft-dir", default=os.path.join(ROOT, "configs/synthetic/peft"))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT, help=f"'all' or names from {ALL}")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per config and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    methods = ALL if args.methods == ["all"] else args.methods
+    cuda = args.device.startswith("cuda")
+
+    runs = {"full_finetune": build(None, args.base, args.device)}
+    for m in methods:
+        runs[m] = build(os.path.join(args.peft_dir, f"{m}.yaml"), args.base, args.device)
+    num_classes = runs["full_finetune"][0].MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    batch = make_batch(args.batch, args.size, num_classes, args.device)
+    optims = {m: build_optimizer_from_trainable(cfg, model) for m, (cfg, model) in runs.items()}
+
+    def step(m):
+        model, opt = runs[m][1], optims[m]
+        with EventStorage(0):
+            loss = sum(model(batch).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    memory = {}
+    for m in runs:  # one warm-up step each (allocates optimizer state), then memory
+        step(m)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step(m)
+            torch.cuda.synchronize()
+            memory[m] = torch.cuda.max_memory_allocated()
+        else:
+            model, opt = runs[m][1], optims[m]
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            state = [t for s in opt.state.values() for t in s.values()]
+            memory[m] = (tensor_bytes(model.parameters()) + tensor_bytes(trainable) + tensor_bytes(state)
+                         + saved_activation_bytes(model, batch))
+    times = {m: [] for m in runs}
+    for _ in range(args.rounds):
+        for m in runs:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(m)
+            if cuda:
+                torch.cuda.synchronize()
+            times[m].append((time.perf_counter() - t0) / args.steps)
+
+    full_t, full_m = statistics.median(times["full_finetune"]), memory["full_finetune"]
+    rows = []
+    for m, (_, model) in runs.items():
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t = statistics.median(times[m])
+        rows.append([m, f"{trainable:,}", f"{100 * trainable / total:.2f}", f"{1000 * t:.1f}", f"{t / full_t:.2f}",
+                     f"{memory[m] / 2**20:.1f}", f"{memory[m] / full_m:.2f}"])
+    kind = "peak allocated (cuda)" if cuda else "params+grads+optimizer+saved activations (cpu)"
+    print(f"base: {os.path.relpath(args.base, ROOT)}; batch {args.batch} x {args.size}px; device {args.device}; "
+          f"median of {args.rounds} rounds x {args.steps} steps; memory = {kind}")
+    print(tabulate(rows, headers=["config", "trainable", "%", "step ms", "step / full", "memory MiB",
+                                  "memory / full"]))
+
+
+if __name__ == "__main__":
+    main()
