@@ -57,7 +57,9 @@ def add_peft_config(cfg: CN) -> CN:
 
     # COBOT (method "cobot"): a shared relation matrix and hypercomplex projections over all LoRA slots.
     cfg.MODEL.PEFT.COBOT = CN()
-    cfg.MODEL.PEFT.COBOT.ON = "lora"
+    # the slots: "lora" (every LoRA row block) or "adapter" (every parallel adapter, ADAPTER.PLACEMENTS parallel_mlp)
+    cfg.MODEL.PEFT.COBOT.BASE_METHOD = "lora"
+    cfg.MODEL.PEFT.COBOT.DROPOUT = 0.1  # inside the adapter form
 
     # SFA (method "sfa"): external adapters + lottery-ticket internal weights under one budget.
     cfg.MODEL.PEFT.SFA = CN()
@@ -109,7 +111,8 @@ def peft_config_from_cfg(cfg: CN) -> PeftConfig:
         warmup_lr=float(f.WARMUP_LR), score=f.SCORE, ranking=f.RANKING, seed=f.SEED,
     )
     return PeftConfig(methods=tuple(p.METHODS), lora=lora, adapter=adapter, prefix=prefix,
-                      mopeft=MoPEFTConfig(float(p.MOPEFT.INIT_BIAS)), cobot=CobotConfig(p.COBOT.ON), sfa=sfa,
+                      mopeft=MoPEFTConfig(float(p.MOPEFT.INIT_BIAS)),
+                      cobot=CobotConfig(p.COBOT.BASE_METHOD, float(p.COBOT.DROPOUT)), sfa=sfa,
                       trainable=tuple(p.TRAINABLE))
 
 

@@ -42,7 +42,7 @@ def inject(model: nn.Module, config: PeftConfig, verbose: bool = False, sfa_sele
     if "mopeft" in config.methods:
         _inject_mopeft(model, config.mopeft)
     if "cobot" in config.methods:
-        _inject_cobot(model)
+        _inject_cobot(model, config.cobot)
     model.peft_config = config
     mark_trainable(model, config.trainable)
     report = parameter_report(model)
@@ -153,19 +153,32 @@ def _inject_sfa(model, cfg, selection):
         attach_sequential_adapter(block.mlp, sites.block_dim(block), adapter_cfg, f"{path}.mlp")
 
 
-def _inject_cobot(model):
-    """One COBOT orchestrator at `model.cobot` over every LoRA row block (in module order) as a slot."""
-    layers = lora_layers(model)
-    ranks = {m.lora_r for _, m in layers}
-    if len(ranks) != 1:
-        raise PeftConfigError(f"COBOT needs LoRA layers of one rank, found ranks {sorted(ranks)}")
+def _inject_cobot(model, cfg):
+    """One COBOT orchestrator at `model.cobot` over the slots of `cfg.enabled_on`, in module order: every LoRA
+    row block, or every parallel adapter."""
+    if cfg.enabled_on == "lora":
+        layers = [m for _, m in lora_layers(model)]
+        widths = {m.lora_r for m in layers}
+        slots = [(m, i) for m in layers for i in range(len(m.lora_row_blocks))]
+    else:
+        layers = [m for _, m in model.named_modules() if isinstance(m, ParallelAdapter)]
+        if not layers:
+            raise PeftConfigError("MODEL.PEFT.COBOT.BASE_METHOD 'adapter' needs parallel adapters (ADAPTER.PLACEMENTS "
+                                  "'parallel_mlp')")
+        widths = {m.down.out_features for m in layers}
+        slots = [(m, 0) for m in layers]
+    if len(widths) != 1:
+        raise PeftConfigError(f"COBOT needs slots of one width, found {sorted(widths)}")
     _check_free(model, "cobot", "(root)")
-    num_slots = sum(len(m.lora_row_blocks) for _, m in layers)
-    model.cobot = CobotOrchestrator(num_slots, ranks.pop()).to(_param_device(model))
+    model.cobot = CobotOrchestrator(len(slots), widths.pop()).to(_param_device(model))
     t = 0
-    for _, m in layers:
-        n = len(m.lora_row_blocks)
-        m.attach_cobot(model.cobot, range(t, t + n))
+    for m in layers:
+        if cfg.enabled_on == "lora":
+            n = len(m.lora_row_blocks)
+            m.attach_cobot(model.cobot, range(t, t + n))
+        else:
+            n = 1
+            m.attach_cobot(model.cobot, t, cfg.dropout)
         t += n
 
 

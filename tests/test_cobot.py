@@ -104,3 +104,29 @@ def test_errors():
         PeftConfig(methods=("cobot",))
     with pytest.raises(PeftConfigError, match="divisible by 4"):
         inject(tiny_vit(), cobot_config(r=6))
+
+
+def test_cobot_over_parallel_adapters():
+    from peft_d2 import AdapterConfig
+    from peft_d2.tuners.cobot import CobotConfig
+
+    model = tiny_vit()
+    x = images()
+    before = model(x)["last_feat"]
+    cfg = PeftConfig(methods=("adapter", "cobot"), cobot=CobotConfig(enabled_on="adapter"),
+                     adapter=AdapterConfig(bottleneck=8, placements=("parallel_mlp",)))
+    report = inject(model, cfg)
+    assert model.cobot.num_slots == 3  # one adapter per block (T = L)
+    assert report["by_method"]["cobot"] == cobot_parameter_count(3, 8)
+    assert torch.equal(model(x)["last_feat"], before)  # up is zero-initialised
+    adapter, orch = model.blocks[1].mlp.parallel_adapter, model.cobot
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+        orch.gamma.normal_()
+    model.eval()
+    z = torch.randn(5, 48)
+    d = orch.C @ orch.P[:, 1] + orch.gamma[1]
+    h = torch.relu((adapter.down(z) * d) @ orch.projection(1).T)
+    torch.testing.assert_close(adapter(z), adapter.up(h), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PeftConfigError, match="parallel adapters"):
+        inject(tiny_vit(), PeftConfig(methods=("adapter", "cobot"), cobot=CobotConfig(enabled_on="adapter")))

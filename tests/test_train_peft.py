@@ -27,7 +27,7 @@ OPTS = [
     "SEED", "1", "MODEL.PEFT.SFA.WARMUP_ITERS", "2",
 ]  # fmt: skip
 METHODS = ["lora_backbone", "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3", "lora_adapters",
-           "prefix", "mopeft", "cobot_lora", "sfa", "baseline_heads_only", "baseline_decoder_only",
+           "prefix", "mopeft", "cobot_lora", "cobot_adapter", "sfa", "baseline_heads_only", "baseline_decoder_only",
            "baseline_whole_head"]
 
 

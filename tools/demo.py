@@ -32,7 +32,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecation
 
 DEFAULT_METHODS = ["full_finetune", "baseline_heads_only", "baseline_whole_head", "lora_backbone",
                    "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3"]
-ALL_METHODS = DEFAULT_METHODS + ["baseline_decoder_only", "lora_adapters", "prefix", "mopeft", "cobot_lora", "sfa"]
+ALL_METHODS = DEFAULT_METHODS + ["baseline_decoder_only", "lora_adapters", "prefix", "mopeft", "cobot_lora",
+                                  "cobot_adapter", "sfa"]
 CONFIGS = os.path.join(ROOT, "configs", "synthetic")
 
 # the child process: tools/train_net.py, then its peak memory (RSS on CPU, allocator peak on CUDA)

@@ -60,6 +60,13 @@ METHODS = {
     METHODS: ["lora", "cobot"]
     LORA:
       TARGETS: {BACKBONE_QKV}"""),
+    "cobot_adapter": ("COBOT over a parallel adapter (width 16) beside every Swin MLP", """
+    METHODS: ["adapter", "cobot"]
+    ADAPTER:
+      BOTTLENECK: 16
+      PLACEMENTS: ["parallel_mlp"]
+    COBOT:
+      BASE_METHOD: adapter"""),
     "sfa": ("SFA: external adapters + lottery-ticket internal weights, 1% budget", """
     METHODS: ["sfa"]
     SFA:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import PeftConfigError
 from .mopeft import gate_per_row
@@ -111,8 +112,19 @@ class ParallelAdapter(Bottleneck):
         super().__init__(dim, cfg.width(dim), cfg.activation)
         self.scale = cfg.parallel_scale
 
+    def attach_cobot(self, orchestrator, slot: int, dropout: float = 0.1):
+        """COBOT's adapter form: s * up(Dropout(ReLU(M_t down(z)))), M_t = H_t diag(d_t) of slot t."""
+        object.__setattr__(self, "cobot", orchestrator)
+        self.cobot_slot = slot
+        self.cobot_dropout = nn.Dropout(dropout)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.scale * super().forward(z)
+        cobot = self.__dict__.get("cobot")
+        if cobot is None:
+            out = self.scale * super().forward(z)
+        else:
+            h = F.linear(self.down(z), cobot.slot_matrix(self.cobot_slot))
+            out = self.scale * self.up(self.cobot_dropout(self.act(h)))
         gates = self.__dict__.get("peft_gate")
         return out if gates is None else gate_per_row(gates.value("adapter"), out) * out
 

@@ -8,7 +8,8 @@ block: T = L), one small module holds
 
 and gives slot t the r x r matrix  M_t = H_t diag(d_t),  d_t = (C P)[:, t] + gamma_t, where H_t is the
 Hamilton-product arrangement of its four blocks (S_r starts at 0, S_i, S_j, S_k uniform in [0, 1)).
-LoRA + COBOT: delta y = B_t M_t A_t x (no alpha / r). Extra parameters: rT + T^2 + rT + T r^2 / 4.
+LoRA + COBOT: delta y = B_t M_t A_t x (no alpha / r); parallel adapter + COBOT:
+s * W_up Dropout(ReLU(M_t W_down z)). Extra parameters: rT + T^2 + rT + T r^2 / 4.
 """
 
 from dataclasses import dataclass
@@ -27,17 +28,22 @@ _HAMILTON = [[(1, 0), (1, 1), (1, 2), (1, 3)],
 
 @dataclass
 class CobotConfig:
-    """COBOT on top of the LoRA layers injected by the "lora" method (every LoRA row block is a slot).
+    """COBOT on top of another method's homogeneous slots.
 
     Attributes:
-        enabled_on: "lora" (the only base method wired so far).
+        enabled_on: "lora" (every LoRA row block is a slot: q and v of L blocks give T = 2L) or "adapter"
+            (every parallel adapter is a slot, AdaptFormer style: one per block gives T = L).
+        dropout: dropout inside the adapter form (METHODS.md: 0.1).
     """
 
     enabled_on: str = "lora"
+    dropout: float = 0.1
 
     def __post_init__(self):
-        if self.enabled_on != "lora":
-            raise PeftConfigError(f"MODEL.PEFT.COBOT.ON must be 'lora', got {self.enabled_on!r}")
+        if self.enabled_on not in ("lora", "adapter"):
+            raise PeftConfigError(
+                f"MODEL.PEFT.COBOT.BASE_METHOD must be 'lora' or 'adapter', got {self.enabled_on!r}"
+            )
 
 
 class CobotOrchestrator(nn.Module):
