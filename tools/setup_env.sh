@@ -52,6 +52,10 @@ if ! "$PY" -c "import detectron2" 2>/dev/null; then
   pipq install -q --no-deps "$tmp/sal_detectron2-0.7.2-py3-none-any.whl"
   rm -rf "$tmp"
 fi
+# lvis (LVISEvaluator) without its declared opencv-python: the headless OpenCV we pin provides cv2 just the same.
+if ! "$PY" -c "import lvis" 2>/dev/null; then
+  pipq install -q --no-deps lvis==0.5.3
+fi
 [[ -n "${VENV:-}" ]] && touch "$VENV/.peft_d2_ready"
 
 # The official Mask2Former code, unpacked (never installed) as the reference of the parity tests.
