@@ -54,12 +54,7 @@ def build(config, base, device):
         plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
         model = build_model(plain)
         pc = peft_config_from_cfg(cfg)
-        budget = pc.sfa.total_budget(model)
-        _, used = sfa.plan_external(model, pc.sfa, budget)
-        layers = sfa.candidate_layers(model, pc.sfa)
-        selection = sfa._top_entries([p for p, _ in layers], [torch.rand_like(m.weight) for _, m in layers],
-                                     budget - used, pc.sfa.ranking)
-        inject(model, pc, sfa_selection=selection)
+        inject(model, pc, sfa_selection=sfa.random_selection(model, pc.sfa))
     else:
         model = build_model(cfg)
     return cfg, model.train()

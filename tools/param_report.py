@@ -63,11 +63,7 @@ def _measure_sfa(cfg):
     base_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
     model = build_model(base_cfg)
     config = peft_config_from_cfg(cfg)
-    budget = config.sfa.total_budget(model)
-    _, adapter_params = sfa.plan_external(model, config.sfa, budget)
-    layers = sfa.candidate_layers(model, config.sfa)
-    scores = [torch.rand_like(m.weight) for _, m in layers]
-    selection = sfa._top_entries([p for p, _ in layers], scores, budget - adapter_params, config.sfa.ranking)
+    selection = sfa.random_selection(model, config.sfa)
     return _sizes(model, inject(model, config, sfa_selection=selection), True)
 
 

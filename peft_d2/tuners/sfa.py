@@ -202,3 +202,14 @@ def select(model: nn.Module, cfg: SFAConfig, loss_fn) -> dict:
     budget = cfg.total_budget(model)
     _, adapter_params = plan_external(model, cfg, budget)
     return select_internal(model, cfg, loss_fn, budget - adapter_params)
+
+
+def random_selection(model: nn.Module, cfg: SFAConfig, seed: int = 0) -> dict:
+    """A selection of the budgeted size with random scores: for counting parameters and timing steps, where
+    which weights are chosen does not matter (training uses `select`)."""
+    budget = cfg.total_budget(model)
+    _, adapter_params = plan_external(model, cfg, budget)
+    layers = candidate_layers(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(m.weight.shape, generator=g) for _, m in layers]
+    return _top_entries([p for p, _ in layers], scores, budget - adapter_params, cfg.ranking)
