@@ -145,3 +145,26 @@ def test_value_proj_lora_runs_the_fused_operator(monkeypatch):
     for a, b in zip(out_fused, outputs(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(calls) == n_calls
+
+
+def test_lora_reaches_a_foreign_msdeformattn_by_its_shape():
+    """A module that is not ours but has MSDeformAttn's four linears and head/level/point attributes."""
+    import torch.nn as nn
+
+    from peft_d2 import LoRAConfig, PeftConfig, inject
+
+    class ThirdPartyDeformAttn(nn.Module):
+        def __init__(self, d=16, heads=2, levels=2, points=2):
+            super().__init__()
+            self.n_heads, self.n_levels, self.n_points = heads, levels, points
+            self.sampling_offsets = nn.Linear(d, heads * levels * points * 2)
+            self.attention_weights = nn.Linear(d, heads * levels * points)
+            self.value_proj = nn.Linear(d, d)
+            self.output_proj = nn.Linear(d, d)
+
+    model = nn.Sequential(ThirdPartyDeformAttn(), nn.Linear(16, 16))
+    report = inject(model, PeftConfig(methods=("lora",), lora=LoRAConfig(r=2, msda_layers=["value_proj",
+                                                                                           "attention_weights"])))
+    assert report["by_method"]["lora"] == 2 * (16 + 16) + 2 * (16 + 8)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.value_proj.lora_A", "0.value_proj.lora_B", "0.attention_weights.lora_A", "0.attention_weights.lora_B"}
