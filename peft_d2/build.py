@@ -12,6 +12,7 @@ load unchanged.
 
 import logging
 
+import torch
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 from .config import peft_config_from_cfg
@@ -30,17 +31,31 @@ def _check_methods(cfg):
         )
 
 
-@META_ARCH_REGISTRY.register()
-def PEFT(cfg):  # noqa: N802 - registry names are the config values
-    """Build MODEL.PEFT.BASE_META_ARCHITECTURE and inject MODEL.PEFT into it."""
+def _base_meta_architecture(cfg):
     name = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
     if name == "PEFT" or name not in META_ARCH_REGISTRY:
         raise PeftConfigError(
             f"MODEL.PEFT.BASE_META_ARCHITECTURE={name!r} is not a registered meta-architecture other than PEFT; "
             f"registered: {sorted(k for k, _ in META_ARCH_REGISTRY if k != 'PEFT')}"
         )
-    _check_methods(cfg)
-    model = META_ARCH_REGISTRY.get(name)(cfg)
+    return META_ARCH_REGISTRY.get(name)
+
+
+def build_base_model(cfg):
+    """The plain MODEL.PEFT.BASE_META_ARCHITECTURE of a PEFT config, on MODEL.DEVICE, nothing injected: for
+    SFA, whose selection comes before injection, and for injecting from an adapter file."""
+    model = _base_meta_architecture(cfg)(cfg)
+    model.to(torch.device(cfg.MODEL.DEVICE))
+    return model
+
+
+@META_ARCH_REGISTRY.register()
+def PEFT(cfg):  # noqa: N802 - registry names are the config values
+    """Build MODEL.PEFT.BASE_META_ARCHITECTURE and inject MODEL.PEFT into it."""
+    name = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
+    meta_arch = _base_meta_architecture(cfg)
+    _check_methods(cfg)  # before building: a config error should not wait for a large model
+    model = meta_arch(cfg)
     report = inject(model, peft_config_from_cfg(cfg))
     model.peft_report = report
     logger.info("PEFT on %s:\n%s", name, format_report(report))

@@ -159,18 +159,18 @@ def _inject_cobot(model, cfg):
     if cfg.enabled_on == "lora":
         layers = [m for _, m in lora_layers(model)]
         widths = {m.lora_r for m in layers}
-        slots = [(m, i) for m in layers for i in range(len(m.lora_row_blocks))]
+        num_slots = sum(len(m.lora_row_blocks) for m in layers)
     else:
         layers = [m for _, m in model.named_modules() if isinstance(m, ParallelAdapter)]
         if not layers:
             raise PeftConfigError("MODEL.PEFT.COBOT.BASE_METHOD 'adapter' needs parallel adapters (ADAPTER.PLACEMENTS "
                                   "'parallel_mlp')")
         widths = {m.down.out_features for m in layers}
-        slots = [(m, 0) for m in layers]
+        num_slots = len(layers)
     if len(widths) != 1:
         raise PeftConfigError(f"COBOT needs slots of one width, found {sorted(widths)}")
     _check_free(model, "cobot", "(root)")
-    model.cobot = CobotOrchestrator(len(slots), widths.pop()).to(_param_device(model))
+    model.cobot = CobotOrchestrator(num_slots, widths.pop()).to(_param_device(model))
     t = 0
     for m in layers:
         if cfg.enabled_on == "lora":

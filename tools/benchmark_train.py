@@ -36,6 +36,7 @@ ALL = DEFAULT + ["baseline_decoder_only", "prefix", "mopeft", "cobot_lora", "sfa
 def build(config, base, device):
     from detectron2.modeling import build_model
 
+    from peft_d2.build import build_base_model
     from peft_d2.config import get_cfg, peft_config_from_cfg
     from peft_d2.inject import inject
     from peft_d2.tuners import sfa
@@ -50,9 +51,7 @@ def build(config, base, device):
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""
     torch.manual_seed(0)
     if config is not None and "sfa" in cfg.MODEL.PEFT.METHODS:  # timing needs a selection of the budgeted size
-        plain = cfg.clone()
-        plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
-        model = build_model(plain)
+        model = build_base_model(cfg)
         pc = peft_config_from_cfg(cfg)
         inject(model, pc, sfa_selection=sfa.random_selection(model, pc.sfa))
     else:

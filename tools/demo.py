@@ -98,8 +98,8 @@ def evaluate(method_dir, config, weights, adapter, vis_dir=None, vis_images=3):
     from detectron2.modeling import build_model
     from PIL import Image
 
-    import peft_d2.build  # noqa: F401
     import peft_d2.modeling  # noqa: F401
+    from peft_d2.build import build_base_model
     from peft_d2.checkpoint import inject_from_checkpoint
     from peft_d2.config import get_cfg
     from peft_d2.data import register_all_datasets
@@ -111,10 +111,10 @@ def evaluate(method_dir, config, weights, adapter, vis_dir=None, vis_images=3):
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
     peft = cfg.MODEL.META_ARCHITECTURE == "PEFT"
-    if peft:  # the base, then the adapter file (which carries the method config and, for SFA, its selection)
-        cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
-    model = build_model(cfg)
+    # the base, then the adapter file (which carries the method config and, for SFA, its selection)
+    model = build_base_model(cfg) if peft else build_model(cfg)
     PeftCheckpointer(model).load(weights)
+    base_params = sum(p.numel() for p in model.parameters())
     if peft:
         inject_from_checkpoint(model, adapter)
     model.eval()
@@ -141,7 +141,7 @@ def evaluate(method_dir, config, weights, adapter, vis_dir=None, vis_images=3):
             vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE).draw_instance_predictions(inst)
             base = os.path.splitext(os.path.basename(d["file_name"]))[0]
             vis.save(os.path.join(vis_dir, f"vis_{os.path.basename(method_dir)}_{base}.png"))
-    return {"AP": res["segm"]["AP"], "AP50": res["segm"]["AP50"], "mIoU": res["miou"]}
+    return {"AP": res["segm"]["AP"], "AP50": res["segm"]["AP50"], "mIoU": res["miou"], "base_params": base_params}
 
 
 class MeanIoU:
@@ -266,7 +266,7 @@ def main(argv=None):
                                adapter if peft else None, vis_dir=out)
         rows = [json.loads(x) for x in open(os.path.join(mdir, "metrics.json"))]
         report = next((r for r in rows if "peft/trainable_params" in r), None)
-        total = _param_count(config)
+        total = metrics.pop("base_params")
         trainable = report["peft/trainable_params"] if report else total
         ckpt = adapter if peft else os.path.join(mdir, "model_final.pth")
         result = {"method": m, "trainable": int(trainable), "percent": 100.0 * trainable / total, **metrics,
@@ -279,19 +279,6 @@ def main(argv=None):
     write_report(results, out)
     print(f"\ndone in {(time.perf_counter() - progress.start) / 60:.1f} min; outputs in {out}")
     return results
-
-
-def _param_count(config):
-    from detectron2.modeling import build_model
-
-    import peft_d2.modeling  # noqa: F401
-    from peft_d2.config import get_cfg
-
-    cfg = get_cfg()
-    cfg.merge_from_file(config)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.META_ARCHITECTURE = "MaskFormer"
-    return sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def write_report(results, out):

@@ -22,9 +22,9 @@ from detectron2.modeling import build_model
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import peft_d2.build  # noqa: E402,F401
 import peft_d2.modeling  # noqa: E402,F401
 from peft_d2 import PeftConfigError  # noqa: E402
+from peft_d2.build import build_base_model  # noqa: E402
 from peft_d2.checkpoint import save_adapter  # noqa: E402
 from peft_d2.config import get_cfg  # noqa: E402
 from peft_d2.inject import parameter_report  # noqa: E402
@@ -59,9 +59,7 @@ def _measure_sfa(cfg):
     from peft_d2.config import peft_config_from_cfg
     from peft_d2.inject import inject
 
-    base_cfg = cfg.clone()
-    base_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
-    model = build_model(base_cfg)
+    model = build_base_model(cfg)
     config = peft_config_from_cfg(cfg)
     selection = sfa.random_selection(model, config.sfa)
     return _sizes(model, inject(model, config, sfa_selection=selection), True)

@@ -46,12 +46,13 @@ from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWrite
 from detectron2.utils.file_io import PathManager  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-import peft_d2.build  # noqa: E402,F401  (registers the PEFT meta-architecture and backbone)
 import peft_d2.modeling  # noqa: E402,F401  (registers MaskFormer, D2SwinTransformer, heads)
+from peft_d2.build import build_base_model  # noqa: E402  (and registers the PEFT meta-architecture, backbone)
 from peft_d2.checkpoint import inject_from_checkpoint, load_adapter  # noqa: E402
 from peft_d2.config import config_functions, peft_config_from_cfg  # noqa: E402
 from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
 from peft_d2.engine import (  # noqa: E402
+    NORM_TYPES,
     AdapterExportHook,
     ParameterReportHook,
     PeftCheckpointer,
@@ -65,18 +66,6 @@ from peft_d2.tuners import sfa  # noqa: E402
 # "WarmupPolyLR" schedule), Mask2Former's, ViT's, SAM's and MODEL.PEFT; append your project's own.
 CONFIG_FUNCTIONS = config_functions()
 
-_NORM_TYPES = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm,
-    torch.nn.InstanceNorm1d,
-    torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm,
-    torch.nn.LocalResponseNorm,
-)
 # parameters that are embeddings in all but type (Swin's relative position table, absolute position embedding)
 _EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
@@ -96,13 +85,6 @@ def optimizer_param_groups(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
     its added modules alone.
     """
     base_lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
-    norm_types = _NORM_TYPES
-    try:  # detectron2's own norm layers
-        from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
-
-        norm_types = norm_types + (FrozenBatchNorm2d, NaiveSyncBatchNorm)
-    except ImportError:  # pragma: no cover
-        pass
     seen: set[int] = set()
     groups = []
     for module_name, module in model.named_modules():
@@ -115,7 +97,7 @@ def optimizer_param_groups(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
                 lr = lr * cfg.SOLVER.BACKBONE_MULTIPLIER
             if any(k in name for k in _EMBEDDING_NAMES):
                 decay = 0.0
-            if isinstance(module, norm_types):
+            if isinstance(module, NORM_TYPES):
                 decay = cfg.SOLVER.WEIGHT_DECAY_NORM
             if isinstance(module, torch.nn.Embedding):
                 decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
@@ -339,10 +321,7 @@ def load_peft_weights(cfg, checkpointer, resume: bool):
 def build_sfa_model(cfg, build_train_loader):
     """SFA needs its selection before injection: from MODEL.PEFT.WEIGHTS when given, otherwise by the
     lottery-ticket warm-up on the pretrained base (MODEL.WEIGHTS) with batches of the training loader."""
-    base_cfg = cfg.clone()
-    base_cfg.defrost()
-    base_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
-    model = build_model(base_cfg)
+    model = build_base_model(cfg)
     if cfg.MODEL.PEFT.WEIGHTS:
         inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS)
         return model

@@ -1,11 +1,17 @@
 """Optimizer over trainable tensors only, one parameter group per kind with its own lr and weight decay."""
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from ..inject import peft_parameter_names
 
-NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
+# norm layers, whose parameters get SOLVER.WEIGHT_DECAY_NORM (detectron2's own ones included)
+NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm, FrozenBatchNorm2d, NaiveSyncBatchNorm,
+)
 
 
 def peft_param_groups(cfg, model) -> list:
