@@ -127,6 +127,20 @@ def test_jpg_images_and_bad_arguments(tmp_path):
         generate_split(str(tmp_path), "A", "val", 2, mask_format="bitmap")
 
 
+def test_test_split_and_the_domain_shift(tmp_path):
+    out = generate_synthetic(str(tmp_path), num_train={"A": 3, "B": 3}, num_val={"A": 2, "B": 2},
+                             num_test={"B": 4}, image_size=64)
+    assert "synthetic_B_test" in out and "synthetic_A_test" not in out
+    test, train = _json(out["synthetic_B_test"]), _json(out["synthetic_B_train"])
+    assert len(test["images"]) == 4 and test["annotations"] != train["annotations"]  # its own seed
+    # train and val are unchanged by the test split (its seed index is appended)
+    again = generate_split(str(tmp_path / "again"), "B", "train", 3, image_size=64)
+    assert _json(again) == train
+    a_ids = {c["id"] for c in domain_categories("A")}
+    b_ids = {c["id"] for c in domain_categories("B")}
+    assert len(b_ids - a_ids) == 2 and len(a_ids & b_ids) == 3  # two new classes, three shared
+
+
 def test_registered_in_catalogs(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 

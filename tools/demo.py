@@ -1,320 +1,565 @@
-"""The README's main job: a synthetic domain-transfer benchmark that tells the whole peft_d2 story.
+"""The README's main job: does PEFT work? A synthetic domain-transfer study that runs on 2 CPU cores.
 
-    python tools/demo.py                          # default method subset, about 10 minutes on 2 CPU cores
-    python tools/demo.py --methods all            # every PEFT config of configs/synthetic/peft/
-    python tools/demo.py --seed 1 --output output/demo_seed1
+    python tools/demo.py                          # first run ~25 min on 2 cores (pretraining included)
+    python tools/demo.py --methods all --seeds 0 1 2 3 4
 
-1. generates the two-domain synthetic dataset (datasets/prepare_synthetic.py) under $DETECTRON2_DATASETS;
-2. pretrains a micro Mask2Former (reduced Swin) on domain A (cached in <output>/pretrain_A);
-3. fine-tunes it on the shifted domain B with full fine-tuning, the baselines and the PEFT methods
-   (configs/synthetic/peft/<method>.yaml), each through tools/train_net.py in its own process;
-4. evaluates mask AP / AP50 (COCOEvaluator) and mIoU (background + classes) on B's validation split;
-5. prints and writes the comparison (results.json, results.md), plots AP against trainable % (ap_vs_params.png)
-   and saves prediction visualisations (vis_<method>_<image>.png).
-Every stage is cached: a second run reuses the data, the pretrained model and each finished method.
+1. generates the two synthetic domains (peft_d2/data/synthetic.py): A, plentiful (1000 training and 100
+   validation images, 4 shape classes), and B, few-shot and shifted (64 training images; other textures,
+   colours and object sizes; 5 classes of which 2 are new), with a B validation split (50 images, used only to
+   choose learning rates) and a B test split (200 images, used only to report);
+2. pretrains the demo Mask2Former (Swin backbone, MSDeformAttn pixel decoder, masked-attention decoder) on A
+   and reports its mask AP on A's validation split with its learning curve. Data and model are cached once per
+   machine under ~/.cache/peft_d2/demo (PEFT_D2_HOME moves it), keyed by a hash of the generator, the configs
+   and the code that produce them, so every clone shares them and any change to those makes new ones;
+3. fine-tunes the base on B with each method and seed (configs/synthetic/demo/<method>.yaml; "scratch" is full
+   fine-tuning of the same model from random weights), two runs at a time, each through tools/train_net.py in
+   its own process, at the learning-rate scale the benchmark's rule chose on B val (docs/benchmark_synthetic.json;
+   1.0 for a method the benchmark has not run). Finished runs are cached too;
+4. prints mean mask AP on B test with 95% intervals over the seeds, each method's paired difference to full
+   fine-tuning, the study's checks and the verdicts on the papers' claims that its methods and seeds allow
+   (peft_d2/study.py; the full benchmark is tools/benchmark_peft.py);
+5. writes <output>/results.{json,md}, ap_vs_params.png (AP against trainable %, with the intervals) and
+   predictions.png (the same B test images predicted by the base, full fine-tuning and the best PEFT method).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecation notes about detectron2's code
 
-DEFAULT_METHODS = ["full_finetune", "baseline_heads_only", "baseline_whole_head", "lora_backbone",
-                   "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3"]
-ALL_METHODS = DEFAULT_METHODS + ["baseline_decoder_only", "lora_adapters", "prefix", "mopeft", "cobot_lora",
-                                  "cobot_adapter", "sfa"]
 CONFIGS = os.path.join(ROOT, "configs", "synthetic")
+PRETRAIN_CONFIG = os.path.join(CONFIGS, "maskformer2_swin_demo_A.yaml")
+METHOD_CONFIGS = os.path.join(CONFIGS, "demo")
+BENCHMARK_JSON = os.path.join(ROOT, "docs", "benchmark_synthetic.json")  # the learning rates it chose
 
-# the child process: tools/train_net.py, then its peak memory (RSS on CPU, allocator peak on CUDA)
-CHILD = """
-import json, resource, runpy, sys
-sys.argv = ["train_net.py", *sys.argv[2:]]
-try:
-    runpy.run_path({train_net!r}, run_name="__main__")
-finally:
-    import torch
-    peak = {{"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
-    if torch.cuda.is_available():
-        peak["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    json.dump(peak, open({peak_file!r}, "w"))
-"""
+DEMO_METHODS = ["scratch", "full_finetune", "baseline_heads_only", "lora_backbone", "adapters_1", "sfa"]
+ALL_METHODS = ["scratch", "full_finetune", "baseline_heads_only", "baseline_decoder_only", "baseline_whole_head",
+               "lora_backbone", "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3", "adapters_parallel",
+               "lora_adapters", "prefix", "mopeft", "cobot_lora", "cobot_adapter", "sfa"]
+
+# The data of the study. B is few-shot; B val chooses hyperparameters, B test reports.
+DATA = {"image_size": 128, "num_train": {"A": 1000, "B": 64}, "num_val": {"A": 100, "B": 50},
+        "num_test": {"B": 200}, "seed": 0}
+# --smoke: the same pipeline at toy size, for the test suite
+SMOKE_DATA = {"image_size": 64, "num_train": {"A": 8, "B": 8}, "num_val": {"A": 4, "B": 4},
+              "num_test": {"B": 4}, "seed": 0}
+
+# code whose change must make a new base model / new fine-tuning runs
+PRETRAIN_CODE = ["peft_d2/modeling", "peft_d2/data", "peft_d2/engine", "peft_d2/ops", "peft_d2/config.py",
+                 "tools/train_net.py", "csrc", "configs/synthetic/Base-Synthetic-InstanceSegmentation.yaml",
+                 "configs/synthetic/maskformer2_swin_micro_bs4_A.yaml",
+                 "configs/synthetic/maskformer2_swin_demo_A.yaml"]
+RUN_CODE = ["peft_d2", "tools/train_net.py", "csrc", "configs/synthetic"]
+
+
+# ----------------------------------------------------------------------------------------------- caching
+
+
+def cache_root() -> str:
+    home = os.environ.get("PEFT_D2_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "peft_d2")
+    return os.path.join(home, "demo")
+
+
+def fingerprint(paths, *extra) -> str:
+    """sha256 (12 hex digits) of the contents of the files under `paths` (relative to ROOT) and of `extra`."""
+    h = hashlib.sha256()
+    for rel in paths:
+        full = os.path.join(ROOT, rel)
+        files = [full] if os.path.isfile(full) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs
+            if f.endswith((".py", ".yaml", ".cpp", ".cu", ".h", ".cuh")))
+        for f in files:
+            h.update(os.path.relpath(f, ROOT).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+class _Lock:
+    """An exclusive lock on `path` (two demos on one machine wait for each other instead of racing)."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(path, "w")
+
+    def __enter__(self):
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def prepare_data(data: dict) -> str:
+    """Generate the study's data once; returns the DETECTRON2_DATASETS folder that holds `synthetic/`."""
+    from peft_d2.data.synthetic import generate_synthetic
+
+    key = fingerprint(["peft_d2/data/synthetic.py"], data)
+    root = os.path.join(cache_root(), f"data-{key}")
+    with _Lock(root + ".lock"):
+        if not os.path.exists(os.path.join(root, "ready")):
+            tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".data-")
+            generate_synthetic(os.path.join(tmp, "synthetic"), domains=("A", "B"), num_train=data["num_train"],
+                               num_val=data["num_val"], num_test=data["num_test"], image_size=data["image_size"],
+                               seed=data["seed"])
+            open(os.path.join(tmp, "ready"), "w").close()
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+class Plan:
+    """Where the study's stages live and how each is run: one object shared by the demo and the benchmark."""
+
+    def __init__(self, smoke=False, pretrain_iters=None, finetune_iters=None, workers=2):
+        self.smoke = smoke
+        self.data = SMOKE_DATA if smoke else DATA
+        self.workers = workers
+        self.data_root = prepare_data(self.data)
+        self.extra = (["INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+                      if smoke else [])
+        self.pretrain_iters = pretrain_iters
+        self.finetune_iters = finetune_iters
+        self.pretrain_key = fingerprint(PRETRAIN_CODE, self.data, self.extra, pretrain_iters)
+        self.pretrain_dir = os.path.join(cache_root(), f"pretrain-{self.pretrain_key}")
+        self.base_weights = os.path.join(self.pretrain_dir, "model_final.pth")
+        self.run_code = fingerprint(RUN_CODE)
+
+    # -- the base model
+    def pretrain(self):
+        """Pretrain on A (cached). Returns the base's result: final A val AP and its learning curve."""
+        result_file = os.path.join(self.pretrain_dir, "result.json")
+        with _Lock(self.pretrain_dir + ".lock"):
+            if os.path.exists(result_file):
+                return json.load(open(result_file))
+            opts = ["DATASETS.TEST", '("synthetic_A_val",)', *self.extra]
+            if self.pretrain_iters:
+                opts += ["SOLVER.MAX_ITER", str(self.pretrain_iters), "SOLVER.STEPS", "()",
+                         "TEST.EVAL_PERIOD", str(max(self.pretrain_iters // 2, 1)),
+                         "SOLVER.WARMUP_ITERS", str(min(self.pretrain_iters, 10))]
+            spec = {"config": PRETRAIN_CONFIG, "opts": opts, "threads": 2, "eval": ["synthetic_A_val"]}
+            run_child(spec, self.pretrain_dir, self.data_root, progress_label="pretraining on A")
+            return json.load(open(result_file))
+
+    # -- fine-tuning runs
+    def run_dir(self, method, seed, lr_scale, split):
+        key = fingerprint([], self.run_code, self.pretrain_key, method, seed, lr_scale, split, self.finetune_iters)
+        name = f"{method}-seed{seed}-lr{lr_scale:g}-{split}-{key}"
+        return os.path.join(cache_root(), f"runs-{self.pretrain_key}", name)
+
+    def run_spec(self, method, seed, lr_scale, split):
+        config = os.path.join(METHOD_CONFIGS, f"{'full_finetune' if method == 'scratch' else method}.yaml")
+        if not os.path.exists(config):
+            raise SystemExit(f"no config for method {method!r}: expected {config}")
+        weights = "" if method == "scratch" else self.base_weights
+        opts = ["SEED", str(seed), "MODEL.WEIGHTS", weights, "DATASETS.TEST", f'("synthetic_B_{split}",)',
+                *lr_opts(config, lr_scale), *self.extra]
+        if self.finetune_iters:
+            opts += ["SOLVER.MAX_ITER", str(self.finetune_iters), "SOLVER.STEPS", "()",
+                     "SOLVER.WARMUP_ITERS", str(min(self.finetune_iters, 10))]
+        return {"config": config, "opts": opts, "threads": 1, "eval": [f"synthetic_B_{split}"],
+                "method": method, "seed": seed, "lr_scale": lr_scale, "split": split}
+
+    def run_many(self, runs, progress=None):
+        """Run (method, seed, lr_scale, split) tuples, `workers` at a time; returns their results in order.
+        Finished runs are read from the cache."""
+        todo = [r for r in runs if not os.path.exists(os.path.join(self.run_dir(*r), "result.json"))]
+        progress = progress or Progress(len(todo), self.workers)
+        if len(todo) < len(runs):
+            print(f"{len(runs) - len(todo)} of {len(runs)} runs cached", flush=True)
+
+        def one(r):
+            t0 = time.perf_counter()
+            run_child(self.run_spec(*r), self.run_dir(*r), self.data_root)
+            res = load_result(self.run_dir(*r))
+            progress.done(f"{r[0]} seed {r[1]} lr x{r[2]:g}: {r[3]} AP {res['AP']:.1f}", time.perf_counter() - t0)
+
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
+            for f in [ex.submit(one, r) for r in todo]:
+                f.result()
+        return [load_result(self.run_dir(*r)) for r in runs]
+
+
+def lr_opts(config: str, scale: float) -> list[str]:
+    """Config overrides that multiply every learning rate of `config` (SOLVER.BASE_LR and the non-zero
+    MODEL.PEFT.OPTIM rates) by `scale`."""
+    from peft_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(config)
+    opts = ["SOLVER.BASE_LR", repr(cfg.SOLVER.BASE_LR * scale)]
+    for k in ("LORA_LR", "ADAPTER_LR", "HEAD_LR"):
+        if cfg.MODEL.PEFT.OPTIM[k]:
+            opts += [f"MODEL.PEFT.OPTIM.{k}", repr(cfg.MODEL.PEFT.OPTIM[k] * scale)]
+    return opts
 
 
 class Progress:
-    """One line per step, with the elapsed time and an ETA from the planned step costs."""
+    """One line per finished run, with the elapsed time and an ETA from the measured pace."""
 
-    def __init__(self, plan):
-        self.plan, self.done, self.start = plan, 0.0, time.perf_counter()
+    def __init__(self, total, workers):
+        self.total, self.workers, self.n, self.start, self.costs = total, workers, 0, time.perf_counter(), []
 
-    def step(self, name, key, cached=False):
-        """Announce the step `key` of the plan; a cached step costs nothing."""
-        if cached:
-            self.plan[key] = 0
-            name += " (cached)"
-        cost = self.plan[key]
+    def done(self, what, seconds):
+        self.n += 1
+        self.costs.append(seconds)
+        left = (self.total - self.n) * statistics.mean(self.costs) / self.workers
         elapsed = time.perf_counter() - self.start
-        remaining = sum(self.plan.values()) - self.done
-        speed = elapsed / self.done if self.done > 30 else 1.0  # calibrate the plan once it means something
-        print(f"[{elapsed / 60:5.1f} min, ETA {remaining * speed / 60:.1f} min] {name}", flush=True)
-        self.done += cost
+        print(f"[{elapsed / 60:5.1f} min, ETA {left / 60:4.1f} min] {self.n}/{self.total} {what} ({seconds:.0f} s)",
+              flush=True)
 
 
-def run_train(config, out_dir, opts, log_name="log.txt"):
-    """tools/train_net.py in a child process; returns its peak memory. Output goes to <out_dir>/log.txt."""
-    os.makedirs(out_dir, exist_ok=True)
-    peak_file = os.path.join(out_dir, "peak_memory.json")
-    code = CHILD.format(train_net=os.path.join(ROOT, "tools", "train_net.py"), peak_file=peak_file)
-    cmd = [sys.executable, "-c", code, "-", "--config-file", config, "--num-gpus", "1", "OUTPUT_DIR", out_dir, *opts]
-    with open(os.path.join(out_dir, log_name), "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+def run_child(spec, out_dir, data_root, progress_label=None):
+    """tools/train_net.py (then evaluation) in a child process writing into a temporary folder that becomes
+    `out_dir` only when everything succeeded."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    spec = dict(spec, out_dir=tmp)
+    with open(os.path.join(tmp, "spec.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    env = dict(os.environ, DETECTRON2_DATASETS=data_root, OMP_NUM_THREADS=str(spec["threads"]),
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", os.path.join(tmp, "spec.json")]
+    with open(os.path.join(tmp, "child.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        t0 = time.perf_counter()
+        while proc.poll() is None:
+            time.sleep(1)
+            if progress_label and time.perf_counter() - t0 > 30:
+                t0 = time.perf_counter()
+                _print_iteration(progress_label, tmp)
     if proc.returncode != 0:
-        raise SystemExit(f"training failed ({config}); see {os.path.join(out_dir, log_name)}")
-    return json.load(open(peak_file))
+        raise SystemExit(f"run failed ({spec['config']}); see {os.path.join(tmp, 'child.log')}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
-def step_time(out_dir):
-    rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.json"))]
+def _print_iteration(label, out_dir):
+    """'pretraining on A: iteration 1200/4000, ETA 8.4 min' from the run's metrics.json."""
+    try:
+        rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.json"))]
+        spec = json.load(open(os.path.join(out_dir, "spec.json")))
+        cfg = json.load(open(os.path.join(out_dir, "max_iter.json")))
+    except (OSError, ValueError):
+        return
+    it = rows[-1]["iteration"] + 1
     times = [r["time"] for r in rows if "time" in r]
-    return statistics.median(times) if times else float("nan")
+    eta = (cfg["max_iter"] - it) * statistics.median(times) / 60 if times else float("nan")
+    ap = [f"{r['iteration'] + 1}: {r['segm/AP']:.1f}" for r in rows if "segm/AP" in r]
+    print(f"  {label} ({spec['config'].split('/')[-1]}): iteration {it}/{cfg['max_iter']}, ETA {eta:.1f} min"
+          + (f"; A val AP at {', '.join(ap)}" if ap else ""), flush=True)
 
 
-def evaluate(method_dir, config, weights, adapter, vis_dir=None, vis_images=3):
-    """Mask AP / AP50 and mIoU on synthetic_B_val; optional visualisations. Runs in this process."""
+def load_result(run_dir):
+    return json.load(open(os.path.join(run_dir, "result.json")))
+
+
+# ----------------------------------------------------------------------------------------------- the child
+
+
+def child(spec_file):
+    """Train with tools/train_net.py in this process, evaluate the trained model on spec['eval'], and write
+    result.json (metrics, trainable parameters, step time, peak memory, checkpoint size)."""
+    import resource
+
+    import torch
+    import train_net
+    from detectron2.engine import default_argument_parser
+
+    spec = json.load(open(spec_file))
+    torch.set_num_threads(spec["threads"])
+    out = spec["out_dir"]
+    args = default_argument_parser().parse_args(
+        ["--config-file", spec["config"], "--num-gpus", "1", "OUTPUT_DIR", out,
+         "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "100000000", *spec["opts"]])
+    cfg = train_net.setup(args)
+    with open(os.path.join(out, "max_iter.json"), "w") as f:
+        json.dump({"max_iter": cfg.SOLVER.MAX_ITER}, f)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    evals = trainer._last_eval_results  # DefaultTrainer's final evaluation on cfg.DATASETS.TEST (one dataset)
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.json"))]
+    model = train_net._unwrap(trainer.model)
+    total = sum(p.numel() for p in model.parameters())
+    report = next((r for r in rows if "peft/trainable_params" in r), None)
+    trainable = int(report["peft/trainable_params"]) if report else total
+    adapter = os.path.join(out, "adapter_final.safetensors")
+    if os.path.exists(adapter):
+        ckpt_bytes = os.path.getsize(adapter)
+    else:  # what full fine-tuning must ship: the whole model's weights
+        ckpt_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    times = [r["time"] for r in rows if "time" in r]
+    name = spec["eval"][0]
+    result = {k: spec.get(k) for k in ("method", "seed", "lr_scale", "split")}
+    result.update({
+        "dataset": name, "AP": evals["segm"]["AP"], "AP50": evals["segm"]["AP50"],
+        "trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
+        "step_s": statistics.median(times) if times else None, "iterations": cfg.SOLVER.MAX_ITER,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "checkpoint_mib": ckpt_bytes / 2**20,
+        "curve": [{"iteration": r["iteration"] + 1, "AP": r["segm/AP"]} for r in rows if "segm/AP" in r],
+    })
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def selected_lr_scales(path=BENCHMARK_JSON) -> dict:
+    """The learning-rate scale the benchmark's rule chose for each method (empty before a benchmark exists)."""
+    if not os.path.exists(path):
+        return {}
+    return json.load(open(path)).get("selected_lr_scale", {})
+
+
+def summarise(results):
+    """Per method: mean test AP with interval, paired difference to full fine-tuning, and the rest."""
+    from peft_d2 import study
+
+    by = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    ap = {m: {r["seed"]: r["AP"] for r in rs} for m, rs in by.items()}
+    def mean_step(rs):
+        steps = [r["step_s"] for r in rs if r["step_s"] is not None]
+        return statistics.mean(steps) if steps else None
+
+    full_step = mean_step(by.get("full_finetune", []))
+    rows = []
+    for m, rs in by.items():
+        row = {"method": m, "seeds": sorted(ap[m]), "trainable": rs[0]["trainable"], "percent": rs[0]["percent"],
+               "lr_scale": rs[0]["lr_scale"], "AP": study.interval(list(ap[m].values())),
+               "AP50": statistics.mean(r["AP50"] for r in rs), "step_s": mean_step(rs),
+               "checkpoint_mib": rs[0]["checkpoint_mib"], "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+        row["step_vs_full"] = row["step_s"] / full_step if full_step and row["step_s"] else None
+        if "full_finetune" in ap and m != "full_finetune" and len(ap[m]) >= study.MIN_SEEDS:
+            row["vs_full"] = study.paired(ap[m], ap["full_finetune"])
+        rows.append(row)
+    total = results[0]["total"]
+    trainable = {m: rs[0]["trainable"] for m, rs in by.items()}
+    return rows, study.checks(ap), study.verdicts(ap, trainable, total)
+
+
+def table(rows, fmt="github"):
+    from tabulate import tabulate
+
+    body = []
+    for r in rows:
+        d = r.get("vs_full")
+        body.append([r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['lr_scale']:g}", str(r["AP"]),
+                     f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]" if d else "",
+                     f"{r['AP50']:.1f}", f"{r['step_vs_full']:.2f}" if r["step_vs_full"] else "",
+                     f"{r['checkpoint_mib']:.3f}"])
+    headers = ["method", "trainable", "%", "lr x", "AP (95% CI)", "AP - full (paired 95% CI)", "AP50",
+               "step / full", "file MiB"]
+    return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def checks_and_verdicts_text(checks, verdicts):
+    lines = ["Checks:"]
+    lines += [f"  [{'pass' if ok else 'FAIL'}] {name}: {ev}" for name, ok, ev in checks]
+    lines.append("Claims (rules: README, 'Decision rules'):")
+    lines += [f"  {v.verdict.upper():12s} {v.claim}: {v.evidence}" for v in verdicts.values()]
+    return "\n".join(lines)
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        half = r["AP"].half if r["AP"].half == r["AP"].half else 0.0
+        ax.errorbar(r["percent"], r["AP"].mean, yerr=half, fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["percent"], r["AP"].mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("mask AP on B test (mean, 95% CI over seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def predictions_png(plan, results, rows, path, num_images=3):
+    """The same B test images: ground truth, the base (its A classes), full fine-tuning and the best PEFT
+    method (highest mean test AP), each run of the lowest seed."""
     import numpy as np
     import torch
-    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
+    from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
     import peft_d2.modeling  # noqa: F401
+    from peft_d2 import study
     from peft_d2.build import build_base_model
     from peft_d2.checkpoint import inject_from_checkpoint
     from peft_d2.config import get_cfg
     from peft_d2.data import register_all_datasets
     from peft_d2.engine import PeftCheckpointer
 
+    os.environ["DETECTRON2_DATASETS"] = plan.data_root
     register_all_datasets()
-    cfg = get_cfg()
-    cfg.merge_from_file(config)
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
-    peft = cfg.MODEL.META_ARCHITECTURE == "PEFT"
-    # the base, then the adapter file (which carries the method config and, for SFA, its selection)
-    model = build_base_model(cfg) if peft else build_model(cfg)
-    PeftCheckpointer(model).load(weights)
-    base_params = sum(p.numel() for p in model.parameters())
-    if peft:
-        inject_from_checkpoint(model, adapter)
-    model.eval()
-    name = "synthetic_B_val"
-    loader = build_detection_test_loader(cfg, name)
-    coco = COCOEvaluator(name, tasks=("segm",), output_dir=os.path.join(method_dir, "inference"),
-                         use_fast_impl=False)
-    labels = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get("synthetic_B_sem_seg_val")}
-    miou = MeanIoU(len(MetadataCatalog.get(name).thing_classes), labels)
-    with torch.no_grad():
-        res = inference_on_dataset(model, loader, _Both(coco, miou))
-    if vis_dir:
-        from detectron2.utils.visualizer import ColorMode, Visualizer
+    peft_rows = [r for r in rows if r["method"] not in study.BASELINES]
+    if "full_finetune" not in {r["method"] for r in rows} or not peft_rows:
+        return None
+    best = max(peft_rows, key=lambda r: r["AP"].mean)["method"]
 
-        meta = MetadataCatalog.get(name)
-        for d in DatasetCatalog.get(name)[:vis_images]:
+    def config(path):
+        cfg = get_cfg()
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(plan.extra)
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+        return cfg
+
+    def load(method):
+        if method == "base":
+            model = build_model(config(PRETRAIN_CONFIG))
+            PeftCheckpointer(model).load(plan.base_weights)
+            return model, "synthetic_A_train"
+        run = min((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        run_dir = plan.run_dir(method, run["seed"], run["lr_scale"], run["split"])
+        cfg = config(os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
+        adapter = os.path.join(run_dir, "adapter_final.safetensors")
+        if cfg.MODEL.META_ARCHITECTURE == "PEFT":
+            model = build_base_model(cfg)
+            PeftCheckpointer(model).load(plan.base_weights)
+            inject_from_checkpoint(model, adapter)
+        else:
+            model = build_model(cfg)
+            PeftCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
+        return model, "synthetic_B_test"
+
+    dicts = DatasetCatalog.get("synthetic_B_test")[:num_images]
+    columns = [("ground truth", None), ("base (trained on A)", "base"), ("full fine-tuning", "full_finetune"),
+               (f"best PEFT: {best}", best)]
+    panels = []
+    for title, method in columns:
+        model, meta_name = load(method) if method else (None, "synthetic_B_test")
+        meta = MetadataCatalog.get(meta_name)
+        images = []
+        for d in dicts:
             img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
-            with torch.no_grad():
-                out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()).float(),
-                              "height": img.shape[0], "width": img.shape[1]}])[0]
-            inst = out["instances"].to("cpu")
-            inst = inst[inst.scores.argsort(descending=True)[:6]]  # the most confident few, labelled with scores
-            inst = inst[inst.scores > 0.05]
-            vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE).draw_instance_predictions(inst)
-            base = os.path.splitext(os.path.basename(d["file_name"]))[0]
-            vis.save(os.path.join(vis_dir, f"vis_{os.path.basename(method_dir)}_{base}.png"))
-    return {"AP": res["segm"]["AP"], "AP50": res["segm"]["AP50"], "mIoU": res["miou"], "base_params": base_params}
+            vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
+            if model is None:
+                vis = vis.draw_dataset_dict(d)
+            else:
+                model.eval()
+                with torch.no_grad():
+                    out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
+                                  "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
+                vis = vis.draw_instance_predictions(out[out.scores > 0.5])
+            images.append(vis.get_image())
+        col = np.concatenate(images, axis=0)
+        header = np.full((28, col.shape[1], 3), 255, np.uint8)
+        import cv2
+
+        cv2.putText(header, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        panels.append(np.concatenate([header, col], axis=0))
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    return best
 
 
-class MeanIoU:
-    """mIoU over background + thing classes: a pixel's prediction is the arg-max class of the semantic
-    output (+1), or background (0) where no class reaches 0.5; ground truth from the dataset's semantic
-    label PNGs (0 = background, k = k-th class)."""
-
-    def __init__(self, num_classes, label_files):
-        import numpy as np
-
-        self.n, self.labels = num_classes + 1, label_files
-        self.conf = np.zeros((self.n, self.n), dtype=np.int64)
-
-    def reset(self):
-        self.conf[:] = 0
-
-    def process(self, inputs, outputs):
-        import numpy as np
-        from PIL import Image
-
-        for inp, out in zip(inputs, outputs):
-            score, cls = out["sem_seg"].cpu().max(0)
-            pred = np.where(score.numpy() >= 0.5, cls.numpy() + 1, 0)
-            gt = np.asarray(Image.open(self.labels[inp["file_name"]]), dtype=np.int64)
-            keep = gt != 255
-            gt, pred = gt[keep], pred[keep]
-            self.conf += np.bincount(self.n * gt.ravel() + pred.ravel(), minlength=self.n**2).reshape(self.n, -1)
-
-    def evaluate(self):
-        import numpy as np
-
-        inter = np.diag(self.conf)
-        union = self.conf.sum(0) + self.conf.sum(1) - inter
-        valid = union > 0
-        return {"miou": float(100 * (inter[valid] / union[valid]).mean())}
+# ----------------------------------------------------------------------------------------------- main
 
 
-class _Both:
-    def __init__(self, coco, miou):
-        self.parts = (coco, miou)
-
-    def reset(self):
-        for p in self.parts:
-            p.reset()
-
-    def process(self, inputs, outputs):
-        for p in self.parts:
-            p.process(inputs, outputs)
-
-    def evaluate(self):
-        res = dict(self.parts[0].evaluate())
-        res.update(self.parts[1].evaluate())
-        return res
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=DEMO_METHODS, help=f"'all' or any of {ALL_METHODS}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
+    parser.add_argument("--workers", type=int, default=2, help="fine-tuning runs at a time (one thread each)")
+    parser.add_argument("--pretrain-iters", type=int, help="override the pretraining config's SOLVER.MAX_ITER")
+    parser.add_argument("--finetune-iters", type=int, help="override the fine-tuning configs' SOLVER.MAX_ITER")
+    parser.add_argument("--lr-scales-from", default=BENCHMARK_JSON,
+                        help="the benchmark results whose chosen learning-rate scales the runs use")
+    parser.add_argument("--smoke", action="store_true", help="toy data and sizes: the test suite's run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.methods == ["all"]:
+        args.methods = ALL_METHODS
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {ALL_METHODS} or 'all'")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: repeated seeds in {args.seeds}")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help=f"'all' or any of {ALL_METHODS}")
-    parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
-    parser.add_argument("--pretrain-iters", type=int, default=600)
-    parser.add_argument("--finetune-iters", type=int, default=150)
-    parser.add_argument("--num-train-a", type=int, default=256)
-    parser.add_argument("--num-train-b", type=int, default=32)
-    parser.add_argument("--num-val", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (the data are fixed)")
-    parser.add_argument("--pretrain-seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    methods = ALL_METHODS if args.methods == ["all"] else args.methods
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL_METHODS} or 'all'")
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-    data_root = os.environ["DETECTRON2_DATASETS"]
+    args = parse_args(argv)
+    if args.child:
+        return child(args.child)
+    t0 = time.perf_counter()
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
+    print(f"[setup] data and models are cached under {cache_root()}", flush=True)
+    plan = Plan(args.smoke, args.pretrain_iters, args.finetune_iters, args.workers)
 
-    # planned seconds per stage on 2 CPU cores (calibrated against the measured pace as the run goes)
-    plan = {"data": 10, "pretrain": args.pretrain_iters * 0.3 + 20,
-            **{m: args.finetune_iters * 0.25 + 25 for m in methods}}
-    progress = Progress(plan)
+    base = plan.pretrain()
+    curve = ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in base["curve"])
+    print(f"\nbase model: mask AP {base['AP']:.1f} on A val ({plan.data['num_val']['A']} images) after "
+          f"{base['iterations']} iterations (learning curve, iteration: AP = {curve})\n", flush=True)
 
-    # 1. data
-    marker = os.path.join(data_root, "synthetic", f".demo-{args.num_train_a}-{args.num_train_b}-{args.num_val}")
-    progress.step("generating the synthetic domains A and B", "data", os.path.exists(marker))
-    if not os.path.exists(marker):
-        from peft_d2.data.synthetic import generate_synthetic
+    scales = selected_lr_scales(args.lr_scales_from)
+    runs = [(m, s, float(scales.get(m, 1.0)), "test") for m in args.methods for s in args.seeds]
+    print(f"fine-tuning on B: {len(args.methods)} methods x {len(args.seeds)} seeds, learning-rate scales "
+          f"{ {m: float(scales.get(m, 1.0)) for m in args.methods} } "
+          f"({'chosen by the benchmark on B val' if scales else 'default: no benchmark results found'})", flush=True)
+    results = plan.run_many(runs)
 
-        generate_synthetic(os.path.join(data_root, "synthetic"),
-                           num_train={"A": args.num_train_a, "B": args.num_train_b}, num_val=args.num_val)
-        open(marker, "w").close()
-
-    # 2. pretrain on A
-    common = ["DATALOADER.NUM_WORKERS", "1", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
-    pre_dir = os.path.join(out, f"pretrain_A_{args.pretrain_iters}_seed{args.pretrain_seed}")
-    base_weights = os.path.join(pre_dir, "model_final.pth")
-    progress.step(f"pretraining the micro Mask2Former on domain A ({args.pretrain_iters} iterations)", "pretrain",
-                  os.path.exists(base_weights))
-    if not os.path.exists(base_weights):
-        run_train(os.path.join(CONFIGS, "maskformer2_swin_micro_bs4_A.yaml"), pre_dir,
-                  [*common, "SEED", str(args.pretrain_seed), "SOLVER.MAX_ITER", str(args.pretrain_iters),
-                   "SOLVER.STEPS", f"({int(args.pretrain_iters * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", "100000"])
-
-    # 3-4. fine-tune on B and evaluate
-    results = []
-    for m in methods:
-        config = os.path.join(CONFIGS, "peft", f"{m}.yaml")
-        mdir = os.path.join(out, f"{m}_{args.finetune_iters}_seed{args.seed}")
-        result_file = os.path.join(mdir, "result.json")
-        progress.step(f"fine-tuning on domain B: {m}", m, os.path.exists(result_file))
-        if os.path.exists(result_file):
-            results.append(json.load(open(result_file)))
-            continue
-        peak = run_train(config, mdir, [*common, "SEED", str(args.seed), "MODEL.WEIGHTS", base_weights,
-                                        "SOLVER.MAX_ITER", str(args.finetune_iters), "SOLVER.STEPS", "()",
-                                        "SOLVER.CHECKPOINT_PERIOD", "100000"])
-        adapter = os.path.join(mdir, "adapter_final.safetensors")
-        peft = os.path.exists(adapter)
-        with (open(os.path.join(mdir, "eval_log.txt"), "w") as log, contextlib.redirect_stdout(log),
-              contextlib.redirect_stderr(log)):
-            metrics = evaluate(mdir, config, base_weights if peft else os.path.join(mdir, "model_final.pth"),
-                               adapter if peft else None, vis_dir=out)
-        rows = [json.loads(x) for x in open(os.path.join(mdir, "metrics.json"))]
-        report = next((r for r in rows if "peft/trainable_params" in r), None)
-        total = metrics.pop("base_params")
-        trainable = report["peft/trainable_params"] if report else total
-        ckpt = adapter if peft else os.path.join(mdir, "model_final.pth")
-        result = {"method": m, "trainable": int(trainable), "percent": 100.0 * trainable / total, **metrics,
-                  "step_s": step_time(mdir), "peak_rss_mib": peak["rss_mib"], "peak_cuda_mib": peak.get("cuda_mib"),
-                  "checkpoint_mib": os.path.getsize(ckpt) / 2**20}
-        json.dump(result, open(result_file, "w"), indent=1)
-        results.append(result)
-
-    # 5. report
-    write_report(results, out)
-    print(f"\ndone in {(time.perf_counter() - progress.start) / 60:.1f} min; outputs in {out}")
-    return results
-
-
-def write_report(results, out):
-    from tabulate import tabulate
-
-    full = next((r for r in results if r["method"] == "full_finetune"), None)
-    rows = []
-    for r in results:
-        rel = f"{r['step_s'] / full['step_s']:.2f}" if full else ""
-        rows.append([r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['AP']:.1f}", f"{r['AP50']:.1f}",
-                     f"{r['mIoU']:.1f}", f"{1000 * r['step_s']:.0f}", rel, f"{r['peak_rss_mib']:.0f}",
-                     f"{r['checkpoint_mib']:.3f}"])
-    headers = ["method", "trainable", "%", "AP", "AP50", "mIoU", "step ms", "step / full", "peak RSS MiB",
-               "checkpoint MiB"]
-    print()
-    print(tabulate(rows, headers=headers))
+    rows, checks, verdicts = summarise(results)
+    text = table(rows)
+    summary = checks_and_verdicts_text(checks, verdicts)
+    print(f"\nmask AP on B test ({plan.data['num_test']['B']} images), mean and 95% interval over seeds "
+          f"{args.seeds}\n{text}\n\n{summary}")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"base": base, "runs": results}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(tabulate(rows, headers=headers, tablefmt="github") + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.scatter(r["percent"], r["AP"], s=40)
-        ax.annotate(r["method"], (r["percent"], r["AP"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    ax.set_ylabel("mask AP on domain B (val)")
-    ax.set_title("Fine-tuning the domain-A model on domain B")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "ap_vs_params.png"), dpi=120)
+        f.write(f"{text}\n\n```\n{summary}\n```\n")
+    plot(rows, os.path.join(out, "ap_vs_params.png"), "Fine-tuning the domain-A model on domain B")
+    with open(os.path.join(out, "predictions.log"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        logging.disable(logging.WARNING)  # detectron2's notes about the re-initialised class head
+        try:
+            best = predictions_png(plan, results, rows, os.path.join(out, "predictions.png"))
+        finally:
+            logging.disable(logging.NOTSET)
+    print("\nwrote results.json, results.md, ap_vs_params.png"
+          + (f", predictions.png (base, full fine-tuning, {best})" if best else "")
+          + f" in {out}; done in {(time.perf_counter() - t0) / 60:.1f} min")
+    return {"base": base, "rows": rows, "checks": checks, "verdicts": verdicts}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python tools/make_peft_configs.py          # rewrites the files (they are committed)
 
-Each dataset gets a Base-PEFT.yaml (the PEFT meta-architecture over its Swin-B instance-segmentation config,
+Each folder (the datasets' peft/ folders, and configs/synthetic/demo/ for the demo's model) gets a
+Base-PEFT.yaml (the PEFT meta-architecture over its base config: Swin-B instance segmentation for the datasets,
 heads trainable, PEFT learning rate 1e-3 as in the paper) and small files that add one method each.
 """
 
@@ -10,12 +11,14 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
+# folder under configs/ -> the base config it fine-tunes (relative to that folder)
 BASES = {
-    "coco": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml",
-    "cityscapes": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_90k.yaml",
-    "ade20k": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_160k.yaml",
-    "lvis": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml",
-    "synthetic": "../maskformer2_swin_micro_bs4_B.yaml",
+    "coco/peft": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml",
+    "cityscapes/peft": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_90k.yaml",
+    "ade20k/peft": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_160k.yaml",
+    "lvis/peft": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml",
+    "synthetic/peft": "../maskformer2_swin_micro_bs4_B.yaml",
+    "synthetic/demo": "../maskformer2_swin_demo_B.yaml",
 }
 
 HEAD_SITES = '["msdeform_attn", "decoder_self_attn", "decoder_cross_attn"]'
@@ -67,6 +70,11 @@ METHODS = {
       PLACEMENTS: ["parallel_mlp"]
     COBOT:
       BASE_METHOD: adapter"""),
+    "adapters_parallel": ("a parallel adapter (width 16) beside every Swin MLP: COBOT-adapter's base method", """
+    METHODS: ["adapter"]
+    ADAPTER:
+      BOTTLENECK: 16
+      PLACEMENTS: ["parallel_mlp"]"""),
     "sfa": ("SFA: external adapters + lottery-ticket internal weights, 1% budget", """
     METHODS: ["sfa"]
     SFA:
@@ -83,8 +91,9 @@ METHODS = {
 
 
 def main():
-    for dataset, base in BASES.items():
-        folder = os.path.join(ROOT, dataset, "peft")
+    for name, base in BASES.items():
+        folder = os.path.join(ROOT, name)
+        dataset = name.split("/")[0] if name.endswith("/peft") else name
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "Base-PEFT.yaml"), "w") as f:
             f.write(f"""# PEFT over the {dataset} base model (written by tools/make_peft_configs.py)

@@ -15,7 +15,7 @@ __all__ = ["register_all_synthetic"]
 
 
 def register_all_synthetic(root: str) -> list[str]:
-    """Register synthetic_{A,B}_{train,val} (COCO instances) and synthetic_{A,B}_sem_seg_{train,val}.
+    """Register synthetic_{A,B}_{train,val,test} (COCO instances) and synthetic_{A,B}_sem_seg_{train,val,test}.
 
     `root` is the DETECTRON2_DATASETS folder; the data live in `root/synthetic/` (datasets/prepare_synthetic.py).
     """
@@ -25,7 +25,7 @@ def register_all_synthetic(root: str) -> list[str]:
         cats = domain_categories(domain)
         thing_classes = [c["name"] for c in cats]
         id_map = {c["id"]: i for i, c in enumerate(cats)}
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             p = split_paths(base, domain, split)
             name = f"synthetic_{domain}_{split}"
             replace_registration(

@@ -1,0 +1,191 @@
+"""The synthetic study: its statistics and decision rules (peft_d2/study.py), the benchmark's learning-rate
+rule and page (tools/benchmark_peft.py), and one end-to-end run of the benchmark and the demo at toy size."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from peft_d2 import study
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+SEEDS = (0, 1, 2, 3, 4)
+NOISE = (0.3, -0.2, 0.1, -0.4, 0.2)  # per-seed noise shared by all methods: the paired design cancels it
+
+
+def _ap(mean, noise=NOISE, jitter=(0, 0, 0, 0, 0)):
+    return {s: mean + n + j for s, n, j in zip(SEEDS, noise, jitter)}
+
+
+def test_interval_is_the_student_t_interval():
+    x = study.interval([1.0, 2.0, 3.0])
+    assert x.mean == 2.0 and x.n == 3
+    assert x.half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)  # t(0.975, 2) * sd / sqrt(n), sd = 1
+    assert (x.low, x.high) == pytest.approx((2.0 - x.half, 2.0 + x.half))
+    assert math.isnan(study.interval([5.0]).half)
+    with pytest.raises(ValueError):
+        study.interval([])
+
+
+def test_paired_uses_common_seeds_and_cancels_shared_noise():
+    a = {0: 10.0, 1: 20.0, 2: 30.0, 7: 99.0}
+    b = {0: 9.0, 1: 19.0, 2: 29.0}
+    d = study.paired(a, b)
+    assert d.n == 3 and d.mean == pytest.approx(1.0) and d.half == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no common seed"):
+        study.paired({0: 1.0}, {1: 1.0})
+
+
+TOTAL = 1_000_000
+TRAINABLE = {"scratch": TOTAL, "full_finetune": TOTAL, "baseline_heads_only": 3_000, "lora_backbone": 20_000,
+             "lora_msdeformattn": 5_000, "adapters_1": 6_000, "adapters_2": 9_000, "adapters_3": 12_000,
+             "adapters_parallel": 19_000, "prefix": 12_000, "mopeft": 70_000, "cobot_lora": 20_300,
+             "cobot_adapter": 19_600, "sfa": 17_000}
+
+
+def _study(**means):
+    base = {"scratch": 10, "full_finetune": 50, "baseline_heads_only": 30, "lora_backbone": 46, "lora_msdeformattn": 40,
+            "adapters_1": 40, "adapters_2": 40, "adapters_3": 40, "adapters_parallel": 44, "prefix": 38, "mopeft": 46,
+            "cobot_lora": 46, "cobot_adapter": 44, "sfa": 47}
+    base.update(means)
+    return {m: _ap(v) for m, v in base.items()}
+
+
+def test_verdicts_supported():
+    ap = _study(adapters_2=43, lora_msdeformattn=42, cobot_lora=48, sfa=47.5, lora_backbone=46)
+    v = study.verdicts(ap, TRAINABLE, TOTAL)
+    assert v["peft_90"].verdict == "supported"  # lora_backbone 46 > 0.9 * 50
+    assert v["adapters_23"].verdict == "supported"
+    assert v["lora_msda"].verdict == "supported"  # fewer parameters than 1 adapter, +2 over adapters_1/3
+    assert v["mopeft"].verdict == "supported"  # equal to its best single (lora_backbone): within the margin
+    assert v["cobot"].verdict == "supported"
+    # SFA (17,000) against every method training no more: heads, lora_msda, adapters_1/2/3, prefix
+    assert v["sfa"].verdict == "supported"
+    assert "vs adapters_3" in v["sfa"].evidence and "vs lora_backbone" not in v["sfa"].evidence
+
+
+def test_verdicts_refuted():
+    ap = _study(lora_backbone=30, lora_msdeformattn=30, adapters_1=40, adapters_2=35, adapters_3=34, prefix=30,
+                adapters_parallel=30, mopeft=38, cobot_lora=28, cobot_adapter=29, sfa=30, baseline_heads_only=31)
+    v = study.verdicts(ap, TRAINABLE, TOTAL)
+    assert {k: x.verdict for k, x in v.items()} == {k: "refuted" for k in study.CLAIMS}
+
+
+def test_verdicts_inconclusive_when_the_noise_is_not_shared():
+    spread = (3.0, -3.0, 2.0, -2.0, 0.0)
+    ap = _study()
+    for m in ap:
+        if m not in ("full_finetune", "adapters_1"):
+            ap[m] = _ap({"lora_backbone": 45, "adapters_2": 40, "adapters_3": 40}.get(m, 40), jitter=spread)
+    v = study.verdicts(ap, TRAINABLE, TOTAL)
+    assert v["peft_90"].verdict == "inconclusive"
+    assert v["adapters_23"].verdict == "inconclusive"
+
+
+def test_lora_msda_with_more_parameters_than_an_adapter_is_refuted():
+    trainable = dict(TRAINABLE, lora_msdeformattn=7_000)
+    v = study.verdicts(_study(lora_msdeformattn=45), trainable, TOTAL)
+    assert v["lora_msda"].verdict == "refuted"
+
+
+def test_missing_methods_are_not_run():
+    v = study.verdicts({"full_finetune": _ap(50), "scratch": _ap(10)}, TRAINABLE, TOTAL)
+    assert {x.verdict for x in v.values()} == {"not run"}
+
+
+def test_checks():
+    names = [(n, ok) for n, ok, _ in study.checks(_study())]
+    assert [ok for _, ok in names] == [True, True, True]
+    flat = {"full_finetune": _ap(50, jitter=(5, -5, 4, -4, 0)), "scratch": _ap(49), "baseline_heads_only": _ap(50)}
+    assert [ok for _, ok, _ in study.checks(flat)] == [False, False, False]
+
+
+def _raw(tmp_path):
+    runs = [{"method": m, "seed": s, "lr_scale": 1.0, "split": "test", "AP": v, "AP50": v + 10,
+             "trainable": TRAINABLE[m], "total": TOTAL, "percent": 100 * TRAINABLE[m] / TOTAL, "step_s": 0.1,
+             "iterations": 300, "peak_rss_mib": 900.0, "checkpoint_mib": 0.1, "curve": []}
+            for m, aps in _study().items() for s, v in aps.items()]
+    selection = [{"method": m, "seed": 100, "lr_scale": sc, "split": "val", "AP": ap}
+                 for m in TRAINABLE for sc, ap in ((0.3, 20.0), (1.0, 30.0), (3.0, 30.0))]
+    return {"command": "python tools/benchmark_peft.py", "date": "2026-11-22", "commit": "abc", "machine": "test",
+            "duration_min": 1.0, "data": {"num_val": {"A": 100, "B": 50}, "num_test": {"B": 200}},
+            "base": {"AP": 60.0, "iterations": 10, "curve": [{"iteration": 10, "AP": 60.0}]},
+            "methods": list(TRAINABLE), "seeds": list(SEEDS), "selection_seed": 100, "lr_scales": [0.3, 1.0, 3.0],
+            "selected_lr_scale": {m: 1.0 for m in TRAINABLE}, "selection": selection, "runs": runs}
+
+
+def test_learning_rate_rule_picks_the_best_val_ap_and_the_smaller_scale_on_ties():
+    import benchmark_peft
+
+    runs = [{"method": "a", "lr_scale": 3.0, "AP": 30.0}, {"method": "a", "lr_scale": 1.0, "AP": 30.0},
+            {"method": "a", "lr_scale": 0.3, "AP": 29.0}, {"method": "b", "lr_scale": 0.3, "AP": 10.0},
+            {"method": "b", "lr_scale": 3.0, "AP": 11.0}]
+    assert benchmark_peft.choose(runs) == {"a": 1.0, "b": 3.0}
+
+
+def test_page_is_generated_from_the_raw_results(tmp_path):
+    import benchmark_peft
+
+    prefix = str(tmp_path / "bench")
+    Path(prefix + ".json").write_text(json.dumps(_raw(tmp_path)))
+    benchmark_peft.main(["--report-only", "--output", prefix])
+    page = Path(prefix + ".md").read_text()
+    assert "do not edit by hand" in page and (tmp_path / "bench.png").stat().st_size > 0
+    for v in study.verdicts(_study(), TRAINABLE, TOTAL).values():
+        assert f"| {v.claim} | **{v.verdict}** |" in page
+    assert "| full_finetune | 20.0 | 30.0 | 30.0 | 1 |" in page  # the selection table
+    assert "**pass**: the base matters" in page
+
+
+def test_bad_arguments_are_refused():
+    import benchmark_peft
+    import demo
+
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--methods", "nonsense"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--seeds", "1", "1"])
+    with pytest.raises(SystemExit):
+        benchmark_peft.main(["--seeds", "0", str(benchmark_peft.SELECTION_SEED)])
+
+
+@pytest.mark.slow
+def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsys):
+    """The whole pipeline on toy data: pretraining (cached), the learning-rate selection on B val, the test
+    runs, the page; then the demo reuses every cached stage and writes its table, plot and predictions."""
+    import benchmark_peft
+    import demo
+
+    monkeypatch.setenv("PEFT_D2_HOME", str(tmp_path / "home"))
+    common = ["--smoke", "--pretrain-iters", "4", "--finetune-iters", "5", "--seeds", "0", "1"]
+    methods = ["--methods", "full_finetune", "lora_backbone"]
+    prefix = str(tmp_path / "bench")
+    raw = benchmark_peft.main([*common, *methods, "--lr-scales", "1", "3", "--output", prefix])
+    assert len(raw["selection"]) == 4 and len(raw["runs"]) == 4
+    assert {r["split"] for r in raw["selection"]} == {"val"} and {r["split"] for r in raw["runs"]} == {"test"}
+    assert raw["selected_lr_scale"] == benchmark_peft.choose(raw["selection"])
+    for r in raw["runs"]:
+        assert r["lr_scale"] == raw["selected_lr_scale"][r["method"]]
+    lora = next(r for r in raw["runs"] if r["method"] == "lora_backbone")
+    full = next(r for r in raw["runs"] if r["method"] == "full_finetune")
+    assert lora["trainable"] < full["trainable"] == full["total"] and lora["checkpoint_mib"] < full["checkpoint_mib"]
+    assert Path(prefix + ".md").exists() and Path(prefix + ".png").exists()
+    runs_dir = next((tmp_path / "home" / "demo").glob("runs-*"))
+    before = sorted(os.listdir(runs_dir))
+
+    out = tmp_path / "demo"
+    capsys.readouterr()
+    res = demo.main([*common, *methods, "--lr-scales-from", prefix + ".json", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert sorted(os.listdir(runs_dir)) == before  # every run came from the cache
+    assert "4 of 4 runs cached" in text and "AP - full (paired 95% CI)" in text
+    assert {r["method"] for r in res["rows"]} == {"full_finetune", "lora_backbone"}
+    for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png"):
+        assert (out / name).stat().st_size > 0
