@@ -1,7 +1,7 @@
 """The synthetic transfer benchmark: every method, paired seeds, learning rates chosen on B val, verdicts.
 
-    python tools/benchmark_peft.py                    # all methods, 5 seeds: about 75 min on 2 CPU cores once the base is cached
-    python tools/benchmark_peft.py --report-only      # rewrite the page from the committed raw results
+    python tools/benchmark_peft.py                # every method, 5 seeds: ~50-75 min on 2 CPU cores (base cached)
+    python tools/benchmark_peft.py --report-only  # rewrite the page from the committed raw results
 
 The protocol (fixed before any result; the README's "Decision rules" states the claims' rules):
 1. the base is the demo's domain-A model (tools/demo.py; cached per machine, pretrained once);
