@@ -130,6 +130,44 @@ def test_learning_rate_rule_picks_the_best_val_ap_and_the_smaller_scale_on_ties(
     assert benchmark_peft.choose(runs) == {"a": 1.0, "b": 3.0}
 
 
+def test_learning_rate_search_steps_beyond_the_edge_it_chose():
+    import benchmark_peft
+
+    def runs(method, aps):
+        return [{"method": method, "lr_scale": s, "AP": ap} for s, ap in aps]
+
+    sel = (runs("up", ((0.3, 1.0), (1.0, 2.0), (3.0, 3.0))) + runs("down", ((0.3, 3.0), (1.0, 2.0), (3.0, 1.0)))
+           + runs("inside", ((0.3, 1.0), (1.0, 3.0), (3.0, 1.0))) + runs("ladder_end", ((10.0, 1.0), (30.0, 3.0))))
+    assert benchmark_peft.extensions(sel) == {"up": 10.0, "down": 0.1}
+
+
+def test_learning_rate_search_finds_an_optimum_beyond_the_starting_grid():
+    """A fake plan whose B val AP peaks at x10: the search steps to 10, then to 30, and stops with 10 inside."""
+    import math
+
+    import benchmark_peft
+
+    class Plan:
+        calls = []
+
+        def run_many(self, runs):
+            self.calls.append(runs)
+            return [{"method": m, "seed": seed, "lr_scale": s, "split": split, "AP": 50 - math.log(s / 10) ** 2}
+                    for m, seed, s, split in runs]
+
+    plan = Plan()
+    sel = benchmark_peft.select(plan, ["m"], [0.3, 1.0, 3.0], max_extensions=2)
+    assert [r["lr_scale"] for r in sel] == [0.3, 1.0, 3.0, 10.0, 30.0]
+    assert {r["split"] for r in sel} == {"val"} and {r["seed"] for r in sel} == {benchmark_peft.SELECTION_SEED}
+    assert benchmark_peft.choose(sel) == {"m": 10.0} and len(plan.calls) == 3
+    raw = {"selection": sel, "runs": [], "selected_lr_scale": {"m": 10.0}}
+    assert benchmark_peft.edge_note(raw).startswith("Every chosen scale lies inside")
+    capped = benchmark_peft.select(Plan(), ["m"], [0.3, 1.0, 3.0], max_extensions=0)
+    raw = {"selection": capped, "runs": [{**capped[0], "diverged": True}], "selected_lr_scale": {"m": 3.0}}
+    note = benchmark_peft.edge_note(raw)
+    assert "edge of the range searched" in note and "m (x3)" in note and "Diverged" in note
+
+
 def test_page_is_generated_from_the_raw_results(tmp_path):
     import benchmark_peft
 
@@ -167,7 +205,8 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     common = ["--smoke", "--pretrain-iters", "4", "--finetune-iters", "5", "--seeds", "0", "1"]
     methods = ["--methods", "full_finetune", "lora_backbone"]
     prefix = str(tmp_path / "bench")
-    raw = benchmark_peft.main([*common, *methods, "--lr-scales", "1", "3", "--output", prefix])
+    raw = benchmark_peft.main([*common, *methods, "--lr-scales", "1", "3", "--max-extensions", "0",
+                               "--output", prefix])
     assert len(raw["selection"]) == 4 and len(raw["runs"]) == 4
     assert {r["split"] for r in raw["selection"]} == {"val"} and {r["split"] for r in raw["runs"]} == {"test"}
     assert raw["selected_lr_scale"] == benchmark_peft.choose(raw["selection"])

@@ -6,9 +6,12 @@
 The protocol (fixed before any result; the README's "Decision rules" states the claims' rules):
 1. the base is the demo's domain-A model (tools/demo.py; cached per machine, pretrained once);
 2. every method (ALL_METHODS of tools/demo.py, "scratch" included) gets the same iteration budget (the
-   fine-tuning config's SOLVER.MAX_ITER) and the same learning-rate grid: every learning rate of its config
-   multiplied by each of LR_SCALES. One run per grid point with the selection seed (SELECTION_SEED), scored
-   on B val; the scale with the highest B val AP wins (ties: the smaller scale);
+   fine-tuning config's SOLVER.MAX_ITER) and the same learning-rate search: every learning rate of its config
+   multiplied by a scale from LR_LADDER, starting with LR_SCALES. One run per scale with the selection seed
+   (SELECTION_SEED), scored on B val; the scale with the highest B val AP wins (ties: the smaller scale). When
+   the winner is the largest (smallest) scale tried, the next rung of the ladder above (below) is run too, up
+   to MAX_EXTENSIONS times, so that the winner lies inside the searched range wherever the ladder allows. A
+   run whose loss diverges scores 0 AP;
 3. at its chosen scale, every method runs with each reporting seed (0..4 by default; seed s is shared by all
    methods: data order and the initialisation of new modules) and is scored on B test, which nothing was
    tuned on;
@@ -33,7 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
 
-LR_SCALES = (0.3, 1.0, 3.0)
+LR_SCALES = (0.3, 1.0, 3.0)  # the starting grid
+LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # where the search may go
+MAX_EXTENSIONS = 2
 SELECTION_SEED = 100
 DOCS = os.path.join(demo.ROOT, "docs")
 
@@ -47,16 +52,47 @@ def choose(selection_runs):
     return {m: r["lr_scale"] for m, r in best.items()}
 
 
+def extensions(selection_runs, ladder=LR_LADDER) -> dict:
+    """{method: the next scale to try} for every method whose best scale is the largest or smallest one it has
+    tried and has a further rung on the ladder in that direction (the rung just beyond the range tried)."""
+    tried = {}
+    for r in selection_runs:
+        tried.setdefault(r["method"], set()).add(r["lr_scale"])
+    out = {}
+    for m, best in choose(selection_runs).items():
+        above = [x for x in ladder if x > max(tried[m])]
+        below = [x for x in ladder if x < min(tried[m])]
+        if best == max(tried[m]) and above:
+            out[m] = above[0]
+        elif best == min(tried[m]) and below:
+            out[m] = below[-1]
+    return out
+
+
+def select(plan, methods, scales, max_extensions=MAX_EXTENSIONS, ladder=LR_LADDER):
+    """The learning-rate search on B val (the protocol's step 2); returns every selection run."""
+    selection = plan.run_many([(m, SELECTION_SEED, s, "val") for m in methods for s in scales])
+    for i in range(max_extensions):
+        more = extensions(selection, ladder)
+        if not more:
+            break
+        print(f"   extending the search at the grid's edge ({i + 1}/{max_extensions}): "
+              + ", ".join(f"{m} x{s:g}" for m, s in more.items()), flush=True)
+        selection += plan.run_many([(m, SELECTION_SEED, s, "val") for m, s in more.items()])
+    return selection
+
+
 def write_page(raw, out_prefix):
     """docs page + plot from the raw results (nothing else goes into them)."""
     runs = [r for r in raw["runs"] if r["split"] == "test"]
     rows, checks, verdicts = demo.summarise(runs)
     text = demo.table(rows)
     sel = raw["selection"]
+    tried = sorted({r["lr_scale"] for r in sel})
     sel_rows = "\n".join(
         f"| {m} | " + " | ".join(
             next((f"{r['AP']:.1f}" for r in sel if r["method"] == m and r["lr_scale"] == s), "")
-            for s in raw["lr_scales"]) + f" | {raw['selected_lr_scale'][m]:g} |"
+            for s in tried) + f" | {raw['selected_lr_scale'][m]:g} |"
         for m in raw["methods"])
     base = raw["base"]
     curve = ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in base["curve"])
@@ -72,8 +108,10 @@ def write_page(raw, out_prefix):
         f"- data: {json.dumps(raw['data'])}",
         f"- base: mask AP **{base['AP']:.1f}** on A val ({raw['data']['num_val']['A']} images) after "
         f"{base['iterations']} iterations; learning curve (iteration: AP) {curve}",
-        f"- fine-tuning: {runs[0]['iterations']} iterations for every method; learning-rate grid "
-        f"{list(raw['lr_scales'])} x each config's rates, chosen on B val with seed {raw['selection_seed']}; "
+        f"- fine-tuning: {runs[0]['iterations']} iterations for every method; learning-rate scales "
+        f"{list(raw['lr_scales'])} x each config's rates, extended along {raw.get('lr_ladder', '(no ladder)')} "
+        f"where the best sat at an edge (at most {raw.get('max_extensions', 0)} times), chosen on B val with "
+        f"seed {raw['selection_seed']}; "
         f"reported on B test ({raw['data']['num_test']['B']} images) over seeds {raw['seeds']}",
         "",
         "## Results on B test",
@@ -99,9 +137,11 @@ def write_page(raw, out_prefix):
         "",
         "## Learning-rate selection (B val AP, selection seed)",
         "",
-        "| method | " + " | ".join(f"x{s:g}" for s in raw["lr_scales"]) + " | chosen |",
-        "|---|" + "---|" * (len(raw["lr_scales"]) + 1),
+        "| method | " + " | ".join(f"x{s:g}" for s in tried) + " | chosen |",
+        "|---|" + "---|" * (len(tried) + 1),
         sel_rows,
+        "",
+        edge_note(raw),
         "",
     ]
     with open(out_prefix + ".md", "w") as f:
@@ -110,13 +150,30 @@ def write_page(raw, out_prefix):
     return text, checks, verdicts
 
 
+def edge_note(raw) -> str:
+    """Names the methods whose chosen scale is still the largest or smallest one tried: their optimum may lie
+    outside the searched range, which the reader must know."""
+    tried = {}
+    for r in raw["selection"]:
+        tried.setdefault(r["method"], set()).add(r["lr_scale"])
+    edge = [f"{m} (x{c:g})" for m, c in raw["selected_lr_scale"].items() if c in (min(tried[m]), max(tried[m]))]
+    text = ("Every chosen scale lies inside the range searched for its method." if not edge else
+            "Chosen at the edge of the range searched (the best learning rate may lie beyond it): "
+            + ", ".join(edge) + ".")
+    diverged = [f"{r['method']} x{r['lr_scale']:g} seed {r['seed']} ({r['split']})"
+                for r in raw["selection"] + raw["runs"] if r.get("diverged")]
+    return text + (" Diverged (scored 0 AP): " + ", ".join(diverged) + "." if diverged else "")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=demo.ALL_METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lr-scales", nargs="+", type=float, default=list(LR_SCALES),
-                        help="the learning-rate grid (multipliers of each config's rates)")
+                        help="the starting learning-rate grid (multipliers of each config's rates), on the ladder")
+    parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS,
+                        help="how often the search may step beyond the edge of the range tried")
     parser.add_argument("--output", default=os.path.join(DOCS, "benchmark_synthetic"),
                         help="prefix of the .json/.md/.png it writes")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from <output>.json")
@@ -134,13 +191,16 @@ def main(argv=None):
         parser.error(f"--methods: unknown {unknown}; choose from {demo.ALL_METHODS}")
     if len(args.seeds) < 2 or SELECTION_SEED in args.seeds:
         parser.error(f"--seeds: give at least two seeds, none of them the selection seed {SELECTION_SEED}")
+    off = [x for x in args.lr_scales if x not in LR_LADDER]
+    if off:
+        parser.error(f"--lr-scales: {off} are not on the ladder {LR_LADDER}")
     t0 = time.perf_counter()
     plan = demo.Plan(args.smoke, args.pretrain_iters, args.finetune_iters, args.workers)
     base = plan.pretrain()
     print(f"base model: mask AP {base['AP']:.1f} on A val", flush=True)
 
     print(f"1. learning-rate selection on B val: {len(args.methods)} methods x scales {args.lr_scales}", flush=True)
-    selection = plan.run_many([(m, SELECTION_SEED, s, "val") for m in args.methods for s in args.lr_scales])
+    selection = select(plan, args.methods, args.lr_scales, args.max_extensions)
     scales = choose(selection)
     print(f"chosen scales: {scales}", flush=True)
 
@@ -157,7 +217,8 @@ def main(argv=None):
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU" if not _cuda() else "CUDA",
         "duration_min": (time.perf_counter() - t0) / 60, "data": plan.data, "base": base,
         "methods": args.methods, "seeds": args.seeds, "selection_seed": SELECTION_SEED,
-        "lr_scales": args.lr_scales, "selected_lr_scale": scales, "selection": selection, "runs": runs,
+        "lr_scales": args.lr_scales, "lr_ladder": list(LR_LADDER), "max_extensions": args.max_extensions,
+        "selected_lr_scale": scales, "selection": selection, "runs": runs,
     }
     with open(args.output + ".json", "w") as f:
         json.dump(raw, f, indent=1)

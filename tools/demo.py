@@ -302,8 +302,12 @@ def child(spec_file):
         json.dump({"max_iter": cfg.SOLVER.MAX_ITER}, f)
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.train()
-    evals = trainer._last_eval_results  # DefaultTrainer's final evaluation on cfg.DATASETS.TEST (one dataset)
+    try:
+        trainer.train()
+        evals = trainer._last_eval_results  # DefaultTrainer's final evaluation on cfg.DATASETS.TEST (one dataset)
+    except FloatingPointError as e:  # detectron2's "Loss became infinite or NaN": a result (0 AP), not a crash
+        logging.getLogger(__name__).warning("run diverged: %s", e)
+        evals = {"segm": {"AP": 0.0, "AP50": 0.0}, "diverged": str(e)}
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.json"))]
     model = train_net._unwrap(trainer.model)
     total = sum(p.numel() for p in model.parameters())
@@ -318,7 +322,7 @@ def child(spec_file):
     name = spec["eval"][0]
     result = {k: spec.get(k) for k in ("method", "seed", "lr_scale", "split")}
     result.update({
-        "dataset": name, "AP": evals["segm"]["AP"], "AP50": evals["segm"]["AP50"],
+        "dataset": name, "AP": evals["segm"]["AP"], "AP50": evals["segm"]["AP50"], "diverged": "diverged" in evals,
         "trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
         "step_s": statistics.median(times) if times else None, "iterations": cfg.SOLVER.MAX_ITER,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
