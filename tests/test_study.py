@@ -228,3 +228,18 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     assert {r["method"] for r in res["rows"]} == {"full_finetune", "lora_backbone"}
     for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_progress_line_waits_for_the_first_logged_iteration(tmp_path, capsys):
+    """The pretraining progress line reads the run's metrics.json, which exists (empty) before the first
+    iteration is logged: that is no error, and once a row is there the line shows it."""
+    import demo
+
+    (tmp_path / "spec.json").write_text(json.dumps({"config": "configs/x.yaml"}))
+    (tmp_path / "max_iter.json").write_text(json.dumps({"max_iter": 100}))
+    (tmp_path / "metrics.json").write_text("")
+    demo._print_iteration("pretraining", str(tmp_path))
+    assert capsys.readouterr().out == ""
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 19, "time": 0.5}) + "\n")
+    demo._print_iteration("pretraining", str(tmp_path))
+    assert "iteration 20/100, ETA 0.7 min" in capsys.readouterr().out

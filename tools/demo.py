@@ -267,6 +267,8 @@ def _print_iteration(label, out_dir):
         cfg = json.load(open(os.path.join(out_dir, "max_iter.json")))
     except (OSError, ValueError):
         return
+    if not rows:  # the run has not logged an iteration yet
+        return
     it = rows[-1]["iteration"] + 1
     times = [r["time"] for r in rows if "time" in r]
     eta = (cfg["max_iter"] - it) * statistics.median(times) / 60 if times else float("nan")
