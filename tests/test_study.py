@@ -226,7 +226,7 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     assert sorted(os.listdir(runs_dir)) == before  # every run came from the cache
     assert "4 of 4 runs cached" in text and "AP - full (paired 95% CI)" in text
     assert {r["method"] for r in res["rows"]} == {"full_finetune", "lora_backbone"}
-    for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png"):
+    for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png", "base_A_val.png"):
         assert (out / name).stat().st_size > 0
 
 

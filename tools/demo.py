@@ -19,7 +19,8 @@
    fine-tuning, the study's checks and the verdicts on the papers' claims that its methods and seeds allow
    (peft_d2/study.py; the full benchmark is tools/benchmark_peft.py);
 5. writes <output>/results.{json,md}, ap_vs_params.png (AP against trainable %, with the intervals) and
-   predictions.png (the same B test images predicted by the base, full fine-tuning and the best PEFT method).
+   predictions.png (the same B test images predicted by the base, full fine-tuning and the best PEFT method) and
+   base_A_val.png (the base on A val images: what it learnt).
 """
 
 from __future__ import annotations
@@ -417,14 +418,41 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
+def _panel(title, model, dicts, meta):
+    """One column of images under a title: the ground truth (model None) or `model`'s predictions (score > 0.5)."""
+    import cv2
+    import numpy as np
+    import torch
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+    from PIL import Image
+
+    images = []
+    for d in dicts:
+        img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
+        vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
+        if model is None:
+            vis = vis.draw_dataset_dict(d)
+        else:
+            model.eval()
+            with torch.no_grad():
+                out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
+                              "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
+            vis = vis.draw_instance_predictions(out[out.scores > 0.5])
+        images.append(vis.get_image())
+    col = np.concatenate(images, axis=0)
+    header = np.full((28, col.shape[1], 3), 255, np.uint8)
+    cv2.putText(header, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([header, col], axis=0)
+
+
 def predictions_png(plan, results, rows, path, num_images=3):
     """The same B test images: ground truth, the base (its A classes), full fine-tuning and the best PEFT
-    method (highest mean test AP), each run of the lowest seed."""
+    method (highest mean test AP), each run of the lowest seed; and beside it base_A_val.png, the base's
+    predictions on A val images (the domain it was trained on)."""
     import numpy as np
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
-    from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
     import peft_d2.modeling  # noqa: F401
@@ -473,27 +501,13 @@ def predictions_png(plan, results, rows, path, num_images=3):
     panels = []
     for title, method in columns:
         model, meta_name = load(method) if method else (None, "synthetic_B_test")
-        meta = MetadataCatalog.get(meta_name)
-        images = []
-        for d in dicts:
-            img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
-            vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
-            if model is None:
-                vis = vis.draw_dataset_dict(d)
-            else:
-                model.eval()
-                with torch.no_grad():
-                    out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
-                                  "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
-                vis = vis.draw_instance_predictions(out[out.scores > 0.5])
-            images.append(vis.get_image())
-        col = np.concatenate(images, axis=0)
-        header = np.full((28, col.shape[1], 3), 255, np.uint8)
-        import cv2
-
-        cv2.putText(header, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        panels.append(np.concatenate([header, col], axis=0))
+        panels.append(_panel(title, model, dicts, MetadataCatalog.get(meta_name)))
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    base, _ = load("base")
+    a_val = DatasetCatalog.get("synthetic_A_val")[:num_images]
+    meta = MetadataCatalog.get("synthetic_A_val")
+    panels = [_panel("ground truth (A val)", None, a_val, meta), _panel("base (trained on A)", base, a_val, meta)]
+    Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(os.path.dirname(path), "base_A_val.png"))
     return best
 
 
@@ -563,7 +577,7 @@ def main(argv=None):
         finally:
             logging.disable(logging.NOTSET)
     print("\nwrote results.json, results.md, ap_vs_params.png"
-          + (f", predictions.png (base, full fine-tuning, {best})" if best else "")
+          + (f", predictions.png (base, full fine-tuning, {best}), base_A_val.png" if best else "")
           + f" in {out}; done in {(time.perf_counter() - t0) / 60:.1f} min")
     return {"base": base, "rows": rows, "checks": checks, "verdicts": verdicts}
 
