@@ -418,11 +418,16 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
+SCORE_THRESHOLD = 0.3  # predictions drawn in the PNGs
+
+
 def _panel(title, model, dicts, meta):
-    """One column of images under a title: the ground truth (model None) or `model`'s predictions (score > 0.5)."""
+    """One column of images under a title: the ground truth (model None) or `model`'s predictions scoring above
+    SCORE_THRESHOLD."""
     import cv2
     import numpy as np
     import torch
+    from detectron2.structures import BitMasks
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
@@ -437,7 +442,10 @@ def _panel(title, model, dicts, meta):
             with torch.no_grad():
                 out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
                               "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
-            vis = vis.draw_instance_predictions(out[out.scores > 0.5])
+            out = out[out.scores > SCORE_THRESHOLD]
+            # Mask2Former predicts no boxes (all zero): box the masks, so each label sits on its object
+            out.pred_boxes = BitMasks(out.pred_masks).get_bounding_boxes()
+            vis = vis.draw_instance_predictions(out)
         images.append(vis.get_image())
     col = np.concatenate(images, axis=0)
     header = np.full((28, col.shape[1], 3), 255, np.uint8)
