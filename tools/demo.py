@@ -1,6 +1,6 @@
 """The README's main job: does PEFT work? A synthetic domain-transfer study that runs on 2 CPU cores.
 
-    python tools/demo.py                          # first run ~25 min on 2 cores (pretraining included)
+    python tools/demo.py                          # first run ~20 min on 2 cores (pretraining included)
     python tools/demo.py --methods all --seeds 0 1 2 3 4
 
 1. generates the two synthetic domains (peft_d2/data/synthetic.py): A, plentiful (1000 training and 100
