@@ -79,19 +79,28 @@ def peft_config_from_dict(peft, where: str = "peft") -> PeftConfig:
     for key in ("methods", "trainable"):
         if key in peft and (isinstance(peft[key], str) or not isinstance(peft[key], (list, tuple))):
             raise PeftConfigError(f"{where}.{key} must be a list of strings, got {peft[key]!r}")
+    kwargs = dict(peft)
     for key, cls in METHODS.items():
         if key in peft:
             if not isinstance(peft[key], dict):
                 raise PeftConfigError(f"{where}.{key} must be a dict of {cls.__name__} fields, got {peft[key]!r}")
             _check_fields(peft[key], cls, f"{where}.{key}")
-    return PeftConfig.from_dict(peft)
+            try:
+                kwargs[key] = cls(**peft[key])
+            except PeftConfigError as e:  # the method's own check names its YACS key: say where it came from
+                raise PeftConfigError(f"{where}.{key}: {e}") from None
+    try:
+        return PeftConfig(**kwargs)
+    except PeftConfigError as e:
+        raise PeftConfigError(f"{where}: {e}") from None
 
 
 def peft_model(model: nn.Module, peft, sfa_selection: dict | None = None) -> nn.Module:
     """Inject `peft` into `model` and return `model` itself (in place, no wrapper, no renamed parameters).
 
     Args:
-        model: the base model; in a LazyConfig the project's model node, which `instantiate` builds first.
+        model: the base model, or a LazyConfig node that builds it (``L(GeneralizedRCNN)(...)``); inside a
+            config, `instantiate` builds the node before calling this function.
         peft: a PeftConfig, or a dict of its fields (see `peft_config_from_dict`).
         sfa_selection: SFA's internal-weight selection (``peft_d2.tuners.sfa.select`` on the pretrained base);
             required when ``methods`` lists "sfa", whose selection must be made before injection.
@@ -99,6 +108,10 @@ def peft_model(model: nn.Module, peft, sfa_selection: dict | None = None) -> nn.
     Everything except the PEFT tensors and ``trainable`` is frozen; the parameter report is logged and kept
     as ``model.peft_report``.
     """
+    if isinstance(model, Mapping) and "_target_" in model:
+        from detectron2.config import instantiate
+
+        model = instantiate(model)
     if not isinstance(model, nn.Module):
         raise PeftConfigError(
             f"peft_model: 'model' must be an nn.Module (in a LazyConfig: the model node, e.g. "

@@ -79,8 +79,9 @@ def test_peft_config_node_equals_dict(tmp_path):
         (dict(methods=["lora"], lora_targets=["x"]), r"peft: unknown key\(s\) \['lora_targets'\]"),
         (dict(methods="lora"), r"peft\.methods must be a list of strings"),
         (dict(methods=["lora"], lora=4), r"peft\.lora must be a dict of LoRAConfig fields"),
-        (dict(methods=["lorra"]), r"unknown method\(s\) \['lorra'\]"),
-        (dict(methods=["lora"], lora=dict(r=0, targets=["blocks.*.attn.qkv"])), r"RANK must be a positive"),
+        (dict(methods=["lorra"]), r"peft: MODEL\.PEFT\.METHODS: unknown method\(s\) \['lorra'\]"),
+        (dict(methods=["lora"], lora=dict(r=0, targets=["blocks.*.attn.qkv"])),
+         r"peft\.lora: MODEL\.PEFT\.LORA\.RANK must be a positive"),
         (dict(), r"peft\.methods is empty and so is peft\.trainable"),
         (dict(methods=["sfa"]), r"pass sfa_selection"),
         (["lora"], r"peft must be a PeftConfig or a dict"),
@@ -97,9 +98,11 @@ def test_bad_peft_arguments_name_the_key_and_leave_the_model_alone(peft, message
     assert set(before) == set(model.state_dict())
 
 
-def test_peft_model_rejects_a_model_that_is_not_a_module():
+def test_peft_model_builds_a_model_node_and_rejects_what_is_not_a_module():
+    model = peft_model(L(tiny_vit)(), LORA)  # a node passed directly (not through instantiate) is built first
+    assert type(model).__name__ == "ViT" and model.peft_config == peft_config_from_dict(LORA)
     with pytest.raises(PeftConfigError, match="'model' must be an nn.Module"):
-        peft_model({"_target_": "GeneralizedRCNN"}, LORA)
+        peft_model({"backbone": "vit"}, LORA)
 
 
 def test_param_groups_hold_trainable_tensors_only():
@@ -151,6 +154,21 @@ def _load_script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_script_refuses_an_adapter_for_a_model_without_peft(tmp_path):
+    from omegaconf import OmegaConf
+
+    from peft_d2.engine import PeftCheckpointer
+
+    script = _load_script()
+    model = tiny_vit()
+    before = _state(model)
+    cfg = OmegaConf.create({"train": {"init_checkpoint": str(tmp_path / "never_read.pth"),
+                                      "peft_weights": str(tmp_path / "adapter.safetensors")}})
+    with pytest.raises(ValueError, match=r"train\.peft_weights=.* the model has no PEFT modules"):
+        script.load_weights(cfg, PeftCheckpointer(model, str(tmp_path)), resume=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.fixture(scope="module")

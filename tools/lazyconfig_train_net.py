@@ -90,12 +90,18 @@ def create_ddp(model, cfg):
 def load_weights(cfg, checkpointer, resume: bool) -> None:
     """``train.init_checkpoint`` (the base), then with `resume` the last checkpoint of ``train.output_dir``,
     otherwise ``train.peft_weights`` (an adapter file) when given."""
+    peft_weights = cfg.train.get("peft_weights", "")
+    if peft_weights and not is_peft(checkpointer.model):
+        raise ValueError(
+            f"train.peft_weights={peft_weights!r} is set, but the model has no PEFT modules: wrap cfg.model in "
+            "peft_d2.lazy.peft_model (see configs/lazy/)"
+        )
     if cfg.train.init_checkpoint:
         checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
     if resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load("", resume=True)
-    elif cfg.train.get("peft_weights", ""):
-        load_adapter(checkpointer.model, cfg.train.peft_weights)
+    elif peft_weights:
+        load_adapter(checkpointer.model, peft_weights)
 
 
 def make_checkpointer(cfg, model, **checkpointables) -> PeftCheckpointer:
