@@ -26,6 +26,7 @@ import logging
 from collections.abc import Mapping
 
 import torch.nn as nn
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .engine.optim import group_trainable_parameters
 from .errors import PeftConfigError
@@ -39,10 +40,6 @@ __all__ = ["peft_config_from_dict", "peft_model", "peft_param_groups"]
 
 def _plain(value):
     """`value` with omegaconf containers (what LazyConfig hands over) turned into dicts and lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - detectron2 depends on omegaconf
-        DictConfig = ListConfig = ()  # noqa: N806
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
