@@ -129,17 +129,17 @@ def do_train(args, cfg):
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = make_checkpointer(cfg, _unwrap(model), trainer=trainer)
     peft = is_peft(_unwrap(model))
-    main = comm.is_main_process()
+    is_main = comm.is_main_process()
     trainer.register_hooks(
         [
             ParameterReportHook(_unwrap(model)) if peft else None,
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if is_main else None,
             AdapterExportHook(_unwrap(model), cfg.train.output_dir, cfg.train.checkpointer.period) if peft else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                                 period=cfg.train.log_period) if main else None,
+                                 period=cfg.train.log_period) if is_main else None,
         ]
     )
     load_weights(cfg, checkpointer, resume=args.resume)
