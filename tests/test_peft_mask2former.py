@@ -1,4 +1,4 @@
-"""PEFT inside our Mask2Former: every site of METHODS.md method 1, exactness, merging, closed-form counts."""
+"""PEFT inside our Mask2Former: the adapter and LoRA sites of docs/methods.md, exactness, merging, exact counts."""
 
 import pytest
 import torch

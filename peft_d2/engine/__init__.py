@@ -2,7 +2,7 @@
 
 from .checkpoint import PeftCheckpointer
 from .hooks import AdapterExportHook, ParameterReportHook
-from .optim import NORM_TYPES, build_optimizer, build_peft_optimizer, peft_param_groups
+from .optim import NORM_TYPES, build_optimizer, build_peft_optimizer, group_trainable_parameters, peft_param_groups
 
 __all__ = ["NORM_TYPES", "PeftCheckpointer", "AdapterExportHook", "ParameterReportHook", "build_optimizer",
-           "build_peft_optimizer", "peft_param_groups"]
+           "build_peft_optimizer", "group_trainable_parameters", "peft_param_groups"]

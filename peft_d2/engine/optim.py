@@ -19,12 +19,23 @@ def peft_param_groups(cfg, model) -> list:
     trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM (0 lr = SOLVER.BASE_LR)."""
     o = cfg.MODEL.PEFT.OPTIM
     base_lr = cfg.SOLVER.BASE_LR
-    settings = {
+    return group_trainable_parameters(model, {
         "lora": (o.LORA_LR or base_lr, o.LORA_WEIGHT_DECAY),
         "adapter": (o.ADAPTER_LR or base_lr, o.ADAPTER_WEIGHT_DECAY),
         "head": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY),
         "norm": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY_NORM),
-    }
+    })
+
+
+def group_trainable_parameters(model, settings: dict) -> list:
+    """The trainable parameters of `model` in groups "lora", "adapter" (every other PEFT method's tensors too),
+    "head" (trainable base parameters) and "norm" (norm layers and biases of trainable base parameters).
+
+    `settings` maps each of the four names to (lr, weight_decay); empty groups are left out. Frozen parameters
+    never enter a group, so the optimizer holds no state for the base."""
+    missing = {"lora", "adapter", "head", "norm"} - set(settings)
+    if missing:
+        raise ValueError(f"group_trainable_parameters: settings lacks (lr, weight_decay) for {sorted(missing)}")
     peft = peft_parameter_names(model)
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     groups = {k: [] for k in settings}

@@ -2,7 +2,7 @@
 
 query (N, Q, d) -> sampling_offsets, attention_weights; input (N, S, d) -> value_proj -> (N, S, H, d/H);
 peft_d2.ops.ms_deform_attn samples and mixes the values; output_proj maps the heads back to d.
-See METHODS.md section 0.
+See docs/methods.md, "MSDeformAttn, the module LoRA goes into".
 """
 
 import math

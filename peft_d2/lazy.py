@@ -1,0 +1,163 @@
+"""PEFT for detectron2's LazyConfig projects (ViTDet, the new Mask R-CNN baselines, your own ``*.py`` configs).
+
+In a LazyConfig, wrap the model node and give the optimizer peft_d2's parameter groups::
+
+    from detectron2.config import LazyCall as L
+    from peft_d2.lazy import peft_model, peft_param_groups
+
+    model = L(peft_model)(
+        model=model,                                   # the project's model node, e.g. ViTDet's Mask R-CNN
+        peft=dict(methods=["lora"], lora=dict(r=8, targets=["backbone.net.blocks.*.attn.qkv"]),
+                  trainable=["roi_heads.*"]),         # a dict, or a PeftConfig (L(PeftConfig)(...) or an object)
+    )
+    optimizer.params = L(peft_param_groups)(base_lr="${..lr}", weight_decay="${..weight_decay}")
+
+`instantiate(cfg.model)` then builds the base, injects, freezes everything else and returns the base object
+itself: parameter names are the base's own, so ``train.init_checkpoint`` loads unchanged.
+`tools/lazyconfig_train_net.py` trains such a config with adapter-only checkpoints (`PeftCheckpointer`) and
+exports ``adapter_final.safetensors``; ``train.peft_weights`` names an adapter file to load after
+``train.init_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import torch.nn as nn
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .engine.optim import group_trainable_parameters
+from .errors import PeftConfigError
+from .inject import format_report, inject
+from .tuners import METHODS, PeftConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["peft_config_from_dict", "peft_model", "peft_param_groups"]
+
+
+def _plain(value):
+    """`value` with omegaconf containers (what LazyConfig hands over) turned into dicts and lists."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_fields(d: dict, cls, where: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise PeftConfigError(f"{where}: unknown key(s) {unknown}; {cls.__name__} has {known}")
+
+
+def peft_config_from_dict(peft, where: str = "peft") -> PeftConfig:
+    """A PeftConfig from a PeftConfig, a dict or an omegaconf node (a LazyConfig's ``peft=`` argument).
+
+    Keys are PeftConfig's fields (``methods``, ``trainable``, one sub-dict per method with that method's config
+    fields: ``lora=dict(r=8, targets=[...])``). An unknown key or a value the method rejects raises
+    PeftConfigError naming `where` and the key."""
+    if isinstance(peft, PeftConfig):
+        # Fields may hold omegaconf lists when the node was instantiated by LazyConfig: make them plain.
+        peft = {f.name: getattr(peft, f.name) for f in dataclasses.fields(PeftConfig)}
+        peft = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in peft.items()}
+    peft = _plain(peft)
+    if not isinstance(peft, dict):
+        raise PeftConfigError(
+            f"{where} must be a PeftConfig or a dict of its fields (methods, trainable, lora, adapter, ...), "
+            f"got {type(peft).__name__}"
+        )
+    _check_fields(peft, PeftConfig, where)
+    for key in ("methods", "trainable"):
+        if key in peft and (isinstance(peft[key], str) or not isinstance(peft[key], (list, tuple))):
+            raise PeftConfigError(f"{where}.{key} must be a list of strings, got {peft[key]!r}")
+    kwargs = dict(peft)
+    for key, cls in METHODS.items():
+        if key in peft:
+            if not isinstance(peft[key], dict):
+                raise PeftConfigError(f"{where}.{key} must be a dict of {cls.__name__} fields, got {peft[key]!r}")
+            _check_fields(peft[key], cls, f"{where}.{key}")
+            try:
+                kwargs[key] = cls(**peft[key])
+            except PeftConfigError as e:  # the method's own check names its YACS key: say where it came from
+                raise PeftConfigError(f"{where}.{key}: {e}") from None
+    try:
+        return PeftConfig(**kwargs)
+    except PeftConfigError as e:
+        raise PeftConfigError(f"{where}: {e}") from None
+
+
+def peft_model(model: nn.Module, peft, sfa_selection: dict | None = None) -> nn.Module:
+    """Inject `peft` into `model` and return `model` itself (in place, no wrapper, no renamed parameters).
+
+    Args:
+        model: the base model, or a LazyConfig node that builds it (``L(GeneralizedRCNN)(...)``); inside a
+            config, `instantiate` builds the node before calling this function.
+        peft: a PeftConfig, or a dict of its fields (see `peft_config_from_dict`).
+        sfa_selection: SFA's internal-weight selection (``peft_d2.tuners.sfa.select`` on the pretrained base);
+            required when ``methods`` lists "sfa", whose selection must be made before injection.
+
+    Everything except the PEFT tensors and ``trainable`` is frozen; the parameter report is logged and kept
+    as ``model.peft_report``.
+    """
+    if isinstance(model, Mapping) and "_target_" in model:
+        from detectron2.config import instantiate
+
+        model = instantiate(model)
+    if not isinstance(model, nn.Module):
+        raise PeftConfigError(
+            f"peft_model: 'model' must be an nn.Module (in a LazyConfig: the model node, e.g. "
+            f"L(GeneralizedRCNN)(...)), got {type(model).__name__}"
+        )
+    config = peft_config_from_dict(peft)
+    if not config.methods and not config.trainable:
+        raise PeftConfigError(
+            "peft.methods is empty and so is peft.trainable: name a method (e.g. ['lora']) or the parameters "
+            "to keep trainable"
+        )
+    if "sfa" in config.methods and sfa_selection is None:
+        raise PeftConfigError(
+            "peft.methods lists 'sfa', whose internal weights are chosen on the pretrained base before injection: "
+            "pass sfa_selection=peft_d2.tuners.sfa.select(...), or train SFA with tools/train_net.py"
+        )
+    report = inject(model, config, sfa_selection=sfa_selection)
+    model.peft_report = report
+    logger.info("PEFT on %s:\n%s", type(model).__name__, format_report(report))
+    return model
+
+
+def peft_param_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float = 0.0,
+    weight_decay_norm: float = 0.0,
+    lora_lr: float | None = None,
+    lora_weight_decay: float = 0.0,
+    adapter_lr: float | None = None,
+    adapter_weight_decay: float = 0.0,
+    head_lr: float | None = None,
+) -> list[dict]:
+    """The `params` of a LazyConfig optimizer: the trainable tensors only, in groups "lora", "adapter", "head"
+    and "norm" (`peft_d2.engine.group_trainable_parameters`), like MODEL.PEFT.OPTIM in YACS configs.
+
+    A learning rate left at None is `base_lr`; "head" (trainable base parameters) takes `weight_decay`, "norm"
+    (norm layers and biases of trainable base parameters) `weight_decay_norm`, both at `head_lr`. As with
+    detectron2's ``get_default_optimizer_params``, the training script sets ``optimizer.params.model``."""
+    if model is None:
+        raise ValueError("peft_param_groups: 'model' is None; set optimizer.params.model to the model first")
+    head = base_lr if head_lr is None else head_lr
+    groups = group_trainable_parameters(model, {
+        "lora": (base_lr if lora_lr is None else lora_lr, lora_weight_decay),
+        "adapter": (base_lr if adapter_lr is None else adapter_lr, adapter_weight_decay),
+        "head": (head, weight_decay),
+        "norm": (head, weight_decay_norm),
+    })
+    if not groups:
+        raise ValueError("peft_param_groups: the model has no trainable parameters (check peft.methods and "
+                         "peft.trainable)")
+    return groups
