@@ -4,7 +4,9 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from ..config import optim_groups
 from ..inject import peft_parameter_names
+from ..tuners import get_method
 
 # norm layers, whose parameters get SOLVER.WEIGHT_DECAY_NORM (detectron2's own ones included)
 NORM_TYPES = (
@@ -15,16 +17,16 @@ NORM_TYPES = (
 
 
 def peft_param_groups(cfg, model) -> list:
-    """Groups "lora", "adapter", "head" (trainable base parameters) and "norm" (norm layers and biases of
-    trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM (0 lr = SOLVER.BASE_LR)."""
+    """Groups of the methods' `optim_group`s ("lora", "adapter"), "head" (trainable base parameters) and "norm"
+    (norm layers and biases of trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM
+    (<GROUP>_LR, <GROUP>_WEIGHT_DECAY, HEAD_LR; 0 lr = SOLVER.BASE_LR)."""
     o = cfg.MODEL.PEFT.OPTIM
     base_lr = cfg.SOLVER.BASE_LR
-    settings = {
-        "lora": (o.LORA_LR or base_lr, o.LORA_WEIGHT_DECAY),
-        "adapter": (o.ADAPTER_LR or base_lr, o.ADAPTER_WEIGHT_DECAY),
+    settings = {g: (o[f"{g.upper()}_LR"] or base_lr, o[f"{g.upper()}_WEIGHT_DECAY"]) for g in optim_groups()}
+    settings.update({
         "head": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY),
         "norm": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY_NORM),
-    }
+    })
     peft = peft_parameter_names(model)
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     groups = {k: [] for k in settings}
@@ -32,7 +34,7 @@ def peft_param_groups(cfg, model) -> list:
         if not p.requires_grad:
             continue
         if name in peft:
-            kind = peft[name] if peft[name] in settings else "adapter"
+            kind = get_method(peft[name]).optim_group
         elif id(p) in norm_params or name.endswith(".bias"):
             kind = "norm"
         else:
