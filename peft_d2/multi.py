@@ -99,18 +99,22 @@ def _route_hook(module, args, kwargs, output):
         name = names[slot]
         images = torch.nonzero(slots == slot).flatten()
         rows = _rows(images, first.shape[dim], len(slots), first.device)
-        out = first.index_select(dim, rows)
+        whole = len(images) == len(slots)  # one adapter for the whole batch: no gathering
+        pick = (lambda t: t) if whole else (lambda t: t.index_select(dim, rows))  # noqa: B023
+        out = pick(first)
         for kind, op in zip(site.kinds[name], site.ops[name]):
             if kind == "lora":
-                out = out + op.lora_output(args[0].index_select(dim, rows)).to(out.dtype)
+                out = out + op.lora_output(pick(args[0])).to(out.dtype)
             elif kind == "lora_mha":
                 out = _mha_rows(module, args, kwargs, images, rows, site.mha_weights[name])
             elif kind == "head":
-                out = F.linear(args[0].index_select(dim, rows), op.weight, op.bias)
+                out = F.linear(pick(args[0]), op.weight, op.bias)
             elif kind == "adapter":
                 out = op(out)
             else:  # parallel adapter
-                out = out + op(args[0].index_select(dim, rows))
+                out = out + op(pick(args[0]))
+        if whole:
+            return (out, *output[1:]) if isinstance(output, tuple) else out
         new = first.clone() if new is None else new
         new.index_copy_(dim, rows, out)
     if new is None:
