@@ -238,11 +238,6 @@ class PeftConfig:
 
 
 # ------------------------------------------------------------------------- helpers shared by methods
-def check_free(module: nn.Module, name: str, path: str) -> None:
-    if hasattr(module, name):
-        raise PeftConfigError(f"module '{path}' ({type(module).__name__}) already has an attribute '{name}'")
-
-
 def param_device(module: nn.Module):
     p = next(module.parameters(), None)
     return p.device if p is not None else "cpu"
