@@ -7,15 +7,20 @@ from .inject import (  # noqa: E402
     format_report,
     inject,
     mark_trainable,
-    merge_lora,
+    merge,
     parameter_report,
     print_trainable_parameters,
-    unmerge_lora,
+    unmerge,
 )
-from .tuners import AdapterConfig, LoRAConfig, PeftConfig  # noqa: E402
+from .tuners import AdapterConfig, LoRAConfig, PeftConfig, PeftMethod, register_method  # noqa: E402
+
+merge_lora, unmerge_lora = merge, unmerge  # earlier names; they merge every mergeable method (LoRA, COBOT, SFA)
 
 __all__ = [
-    "__version__", "PeftConfigError", "PeftCheckpointError", "PeftConfig", "LoRAConfig", "AdapterConfig",
-    "inject", "mark_trainable", "parameter_report", "format_report", "print_trainable_parameters", "merge_lora",
-    "unmerge_lora",
+    "__version__", "PeftConfigError", "PeftCheckpointError", "PeftConfig", "PeftMethod", "register_method",
+    "LoRAConfig", "AdapterConfig", "inject", "mark_trainable", "parameter_report", "format_report",
+    "print_trainable_parameters", "merge", "unmerge", "merge_lora", "unmerge_lora",
 ]
+from .multi import disable_adapters, load_adapters, set_adapter  # noqa: E402
+
+__all__ += ["load_adapters", "set_adapter", "disable_adapters"]

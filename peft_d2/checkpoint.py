@@ -1,4 +1,4 @@
-"""Adapter-only checkpoints (DESIGN.md principle 4) and merged base exports.
+"""Adapter-only checkpoints (the base stays where it is; see docs/design.md) and merged base exports.
 
 An adapter file is safetensors: the PEFT tensors plus every other trainable tensor (heads, norms), and
 string metadata: format, peft_d2 version, the PeftConfig as JSON, and a fingerprint of the base model (a
@@ -18,11 +18,10 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import PeftCheckpointError
-from .inject import inject, lora_layers, peft_parameter_names, sfa_layers
-from .tuners import PeftConfig
+from .inject import inject, peft_parameter_names
+from .tuners import METHODS, PeftConfig, get_method
 
 FORMAT = "peft_d2.adapter.v1"
-MERGEABLE = {"lora", "cobot", "sfa"}  # COBOT only reshapes LoRA's update B M A; SFA's is M * Delta
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -117,31 +116,29 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
 def inject_from_checkpoint(model: nn.Module, path: str) -> dict:
     """Inject the PeftConfig stored in an adapter file into a plain base model, then load its tensors."""
     tensors, _, config = read_adapter(path)
-    selection = {k[: -len(".sfa_index")]: t for k, t in tensors.items() if k.endswith(".sfa_index")}
-    report = inject(model, config, sfa_selection=selection if "sfa" in config.methods else None)
+    inputs = {f"{name}_{key}": value for name in config.methods
+              for key, value in get_method(name).inputs_from_adapter_file(tensors).items()}
+    report = inject(model, config, **inputs)
     load_adapter(model, path)
     return report
 
 
 def merged_state_dict(model: nn.Module) -> dict:
-    """A plain base state dict with every LoRA update folded into its weight and PEFT tensors dropped; the
-    model itself is not modified. Adapters cannot be folded into base weights: their presence is an error."""
+    """A plain base state dict with the update of every mergeable method (`PeftMethod.mergeable`: LoRA, COBOT
+    through LoRA, SFA) folded into its weight and PEFT tensors dropped; the model itself is not modified.
+    Modules that add computation no base weight can absorb (adapters, prefixes, gates) are an error."""
     peft = peft_parameter_names(model)
-    unmergeable = sorted({f"{n.rsplit('.', 2)[0]} ({m})" for n, m in peft.items() if m not in MERGEABLE})
+    unmergeable = sorted({f"{n.rsplit('.', 2)[0]} ({m})" for n, m in peft.items() if not get_method(m).mergeable})
     if unmergeable:
         raise PeftCheckpointError(
             f"cannot merge: modules {unmergeable[:5]} add computation that no base weight can absorb "
-            f"(mergeable methods: {sorted(MERGEABLE)})"
+            f"(mergeable methods: {sorted(n for n, m in METHODS.items() if m.mergeable)})"
         )
     peft_buffers = peft_parameter_names(model, buffers=True)
     state = {k: v for k, v in model.state_dict().items() if k not in peft and k not in peft_buffers}
     with torch.no_grad():
-        for path, m in lora_layers(model):
-            if m.lora_merged:
-                continue
-            key = f"{path}.{'in_proj_weight' if isinstance(m, nn.MultiheadAttention) else 'weight'}"
-            state[key] = state[key] + m.lora_delta_weight().to(state[key].dtype)
-        for path, m in sfa_layers(model):
-            if not m.sfa_merged:
-                state[f"{path}.weight"] = state[f"{path}.weight"] + m.delta_weight().to(m.weight.dtype)
+        for method in METHODS.values():
+            if method.mergeable:
+                for key, delta in method.merge_deltas(model).items():
+                    state[key] = state[key] + delta.to(state[key].dtype)
     return state

@@ -12,7 +12,8 @@ import fnmatch
 import torch.nn as nn
 
 from .errors import PeftConfigError
-from .tuners.lora import MSDA_LINEARS
+
+MSDA_LINEARS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
 
 def is_transformer_block(module: nn.Module, path: str = "") -> bool:

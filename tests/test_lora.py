@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 from peft_d2 import LoRAConfig, PeftConfigError
-from peft_d2.inject import add_lora
-from peft_d2.tuners.lora import lora_parameter_count
+from peft_d2.tuners.lora import add_lora, lora_parameter_count
 
 
 def _randomize_b(layer):

@@ -4,7 +4,9 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from ..config import optim_groups
 from ..inject import peft_parameter_names
+from ..tuners import get_method
 
 # norm layers, whose parameters get SOLVER.WEIGHT_DECAY_NORM (detectron2's own ones included)
 NORM_TYPES = (
@@ -15,25 +17,27 @@ NORM_TYPES = (
 
 
 def peft_param_groups(cfg, model) -> list:
-    """Groups "lora", "adapter", "head" (trainable base parameters) and "norm" (norm layers and biases of
-    trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM (0 lr = SOLVER.BASE_LR)."""
+    """Groups of the methods' `optim_group`s ("lora", "adapter"), "head" (trainable base parameters) and "norm"
+    (norm layers and biases of trainable base parameters), each with lr and weight decay from MODEL.PEFT.OPTIM
+    (<GROUP>_LR, <GROUP>_WEIGHT_DECAY, HEAD_LR; 0 lr = SOLVER.BASE_LR)."""
     o = cfg.MODEL.PEFT.OPTIM
     base_lr = cfg.SOLVER.BASE_LR
-    return group_trainable_parameters(model, {
-        "lora": (o.LORA_LR or base_lr, o.LORA_WEIGHT_DECAY),
-        "adapter": (o.ADAPTER_LR or base_lr, o.ADAPTER_WEIGHT_DECAY),
+    settings = {g: (o[f"{g.upper()}_LR"] or base_lr, o[f"{g.upper()}_WEIGHT_DECAY"]) for g in optim_groups()}
+    settings.update({
         "head": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY),
         "norm": (o.HEAD_LR or base_lr, cfg.SOLVER.WEIGHT_DECAY_NORM),
     })
+    return group_trainable_parameters(model, settings)
 
 
 def group_trainable_parameters(model, settings: dict) -> list:
-    """The trainable parameters of `model` in groups "lora", "adapter" (every other PEFT method's tensors too),
-    "head" (trainable base parameters) and "norm" (norm layers and biases of trainable base parameters).
+    """The trainable parameters of `model` in groups: each registered method's `optim_group` ("lora",
+    "adapter"), "head" (trainable base parameters) and "norm" (norm layers and biases of trainable base
+    parameters).
 
-    `settings` maps each of the four names to (lr, weight_decay); empty groups are left out. Frozen parameters
-    never enter a group, so the optimizer holds no state for the base."""
-    missing = {"lora", "adapter", "head", "norm"} - set(settings)
+    `settings` maps each group name to (lr, weight_decay); empty groups are left out. Frozen parameters never
+    enter a group, so the optimizer holds no state for the base."""
+    missing = {*optim_groups(), "head", "norm"} - set(settings)
     if missing:
         raise ValueError(f"group_trainable_parameters: settings lacks (lr, weight_decay) for {sorted(missing)}")
     peft = peft_parameter_names(model)
@@ -43,7 +47,7 @@ def group_trainable_parameters(model, settings: dict) -> list:
         if not p.requires_grad:
             continue
         if name in peft:
-            kind = peft[name] if peft[name] in settings else "adapter"
+            kind = get_method(peft[name]).optim_group
         elif id(p) in norm_params or name.endswith(".bias"):
             kind = "norm"
         else:

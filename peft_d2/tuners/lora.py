@@ -3,7 +3,7 @@
 A layer gains LoRA by becoming an instance of a subclass of its own class (`LoRALinear` for nn.Linear,
 `LoRAMultiheadAttention` for nn.MultiheadAttention): the object, its `weight`/`bias` Parameters, its hooks
 and its name in the model stay the same, so base checkpoints load unchanged and only `lora_A`/`lora_B`
-are new keys (DESIGN.md principle 1).
+are new keys (no base parameter is renamed; see docs/design.md).
 
 LoRA may cover the whole output of a layer or only some row blocks of it ("q" and "v" of a packed qkv
 projection): each block i has its own A_i (r, in) and B_i (rows_i, r), stored stacked as
@@ -11,17 +11,18 @@ projection): each block i has its own A_i (r, in) and B_i (rows_i, r), stored st
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import sites
 from ..errors import PeftConfigError
-from .mopeft import gate_per_row
+from ..sites import MSDA_LINEARS
+from .base import PeftMethod, Plan, gate_per_row, option, register_method
 
 QKV_BLOCKS = {"q": 0, "k": 1, "v": 2}
-MSDA_LINEARS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
 
 @dataclass
@@ -41,13 +42,15 @@ class LoRAConfig:
             "qkv"), which of "q", "k", "v" get LoRA, each with its own A and B. Empty: the whole output.
     """
 
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    targets: list = field(default_factory=list)
-    msda_layers: list = field(default_factory=list)
-    qkv_blocks: str = "qv"
+    r: int = option(8, "rank r > 0", key="RANK")
+    alpha: float = option(8.0, "scaling numerator: the update is scaled by alpha / r (> 0)")
+    dropout: float = option(0.0, "dropout on the LoRA branch's input, in [0, 1)")
+    rslora: bool = option(False, "scale by alpha / sqrt(r) instead of alpha / r")
+    targets: list = option([], "glob patterns over module paths (`nn.Linear`, `nn.MultiheadAttention`), "
+                               "e.g. `backbone.*.attn.qkv`")
+    msda_layers: list = option([], "linears of every MSDeformAttn that get LoRA: `sampling_offsets`, "
+                                   "`attention_weights`, `value_proj`, `output_proj`")
+    qkv_blocks: str = option("qv", "row blocks of packed q/k/v projections that get LoRA (`\"\"`: the whole output)")
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
@@ -74,6 +77,8 @@ class LoRAConfig:
 
 class LoRALayer:
     """Mixin holding the LoRA factors of a layer whose weight is (out_features, in_features)."""
+
+    peft_tensor_prefixes = ("lora_",)  # its own tensors an adapter file holds (the base weight stays out)
 
     def _init_lora(self, weight: torch.Tensor, cfg: LoRAConfig, row_blocks=None):
         out_features, in_features = weight.shape
@@ -241,3 +246,82 @@ class LoRAMultiheadAttention(nn.MultiheadAttention, LoRALayer):
 def lora_parameter_count(in_features: int, out_rows: int, r: int, n_blocks: int = 1) -> int:
     """Closed form: r * (in + rows) per block."""
     return n_blocks * r * (in_features + out_rows)
+
+
+def lora_site(module: nn.Module, cfg: LoRAConfig, path: str = ""):
+    """How `module` takes LoRA: ("linear", row blocks or None for the whole output) or ("mha", q/k/v letters);
+    raises PeftConfigError when it cannot. Changes nothing."""
+    if isinstance(module, LoRALayer):
+        raise PeftConfigError("already has LoRA (two target patterns match it)")
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        if path.split(".")[-1] == "qkv" and cfg.qkv_blocks:
+            if module.out_features % 3:
+                raise PeftConfigError(f"a qkv projection needs out_features divisible by 3, got {module.out_features}")
+            d = module.out_features // 3
+            return "linear", [("qkv".index(b) * d, ("qkv".index(b) + 1) * d) for b in cfg.qkv_blocks]
+        return "linear", None
+    if type(module) is nn.MultiheadAttention:
+        if not module._qkv_same_embed_dim:
+            raise PeftConfigError("LoRA on nn.MultiheadAttention needs a packed in_proj_weight (kdim == vdim == d)")
+        if cfg.dropout > 0:  # the update is applied to the weight, which has no per-input dropout
+            raise PeftConfigError("MODEL.PEFT.LORA.DROPOUT must be 0 for nn.MultiheadAttention targets")
+        return "mha", cfg.qkv_blocks or "qkv"
+    raise PeftConfigError("LoRA applies to nn.Linear and nn.MultiheadAttention only")
+
+
+def _wrap(module, cfg, site):
+    kind, detail = site
+    if kind == "linear":
+        return LoRALinear.wrap(module, cfg, detail)
+    return LoRAMultiheadAttention.wrap(module, cfg, detail)
+
+
+def add_lora(module: nn.Module, cfg: LoRAConfig, path: str = "") -> nn.Module:
+    """Give one layer LoRA in place. nn.Linear: the whole output, or the q/k/v row blocks named by
+    `cfg.qkv_blocks` when the layer is a packed qkv projection (path ends with 'qkv'); nn.MultiheadAttention:
+    the `cfg.qkv_blocks` row blocks of its packed in_proj_weight."""
+    return _wrap(module, cfg, lora_site(module, cfg, path))
+
+
+@register_method
+class LoRAMethod(PeftMethod):
+    """LoRA on the modules matched by LORA.TARGETS and on the MSDA_LAYERS of every MSDeformAttn. Its plan's
+    sites are (path, module, (kind, detail), number of row blocks, rank); COBOT reads them as its slots."""
+
+    name, config_class, optim_group, mergeable = "lora", LoRAConfig, "lora", True
+
+    def plan(self, model, cfg, planned, **inputs):
+        if not cfg.targets and not cfg.msda_layers:
+            raise PeftConfigError(
+                "MODEL.PEFT.LORA.TARGETS and MODEL.PEFT.LORA.MSDA_LAYERS are empty: give glob patterns over module "
+                "paths, or MSDeformAttn layer names"
+            )
+        found = sites.match_modules(model, cfg.targets, "MODEL.PEFT.LORA.TARGETS") if cfg.targets else []
+        if cfg.msda_layers:
+            key = "MODEL.PEFT.LORA.MSDA_LAYERS"
+            for path, msda in sites.find_modules(model, sites.is_ms_deform_attn, ("*",), key):
+                found += [(f"{path}.{name}", getattr(msda, name)) for name in cfg.msda_layers]
+        planned_sites, seen = [], set()
+        for path, module in found:
+            try:
+                if path in seen:
+                    raise PeftConfigError("already has LoRA (two target patterns match it)")
+                site = lora_site(module, cfg, path)
+            except PeftConfigError as e:
+                raise PeftConfigError(f"LoRA on module '{path}' ({type(module).__name__}): {e}") from None
+            seen.add(path)
+            n_blocks = len(site[1]) if site[1] is not None else 1
+            planned_sites.append((path, module, site, n_blocks, cfg.r))
+        return Plan(converts=[p for p, *_ in planned_sites], sites=planned_sites)
+
+    def apply(self, model, cfg, plan):
+        for _, module, site, *_ in plan.sites:
+            _wrap(module, cfg, site)
+
+    def merge_deltas(self, model):
+        out = {}
+        for path, m in self.layers(model):
+            if not m.lora_merged:
+                out[f"{path}.{'in_proj_weight' if isinstance(m, nn.MultiheadAttention) else 'weight'}"] = \
+                    m.lora_delta_weight()
+        return out

@@ -1,5 +1,5 @@
-"""MoPEFT: LoRA, prefix and adapter in every backbone block, each scaled by a learned gate (METHODS.md
-method 2; the gate form is UniPELT's, our reading of the paper).
+"""MoPEFT: LoRA, prefix and adapter in every backbone block, each scaled by a learned gate (see
+docs/methods.md; the gate form is UniPELT's, our reading of the paper).
 
 Per block and per submodule m in {lora, prefix, adapter}: g_m = mean over tokens of sigmoid(X w_m + b_m),
 X the block input, one Linear(d, 1) each: a per-image scalar in (0, 1), gates independent (no softmax).
@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import sites
+from ..errors import PeftConfigError
+from .adapter import ParallelAdapter, SequentialAdapter
+from .base import PeftMethod, Plan, gate_per_row, option, param_device, register_method
+from .lora import LoRALayer
+
 SUBMODULES = ("lora", "prefix", "adapter")
+__all__ = ["SUBMODULES", "MoPEFTConfig", "MoPEFTGates", "gates_pre_hook", "gate_per_row", "MoPEFTMethod"]
 
 
 @dataclass
@@ -29,7 +36,7 @@ class MoPEFTConfig:
         init_bias: initial gate bias (sigmoid(0) = 0.5 for every submodule).
     """
 
-    init_bias: float = 0.0
+    init_bias: float = option(0.0, "initial gate bias (sigmoid(0) = 0.5 for every submodule)")
 
 
 class MoPEFTGates(nn.Module):
@@ -75,7 +82,48 @@ def gates_pre_hook(block, args):
     block.mopeft_gates.compute(args[0])
 
 
-def gate_per_row(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a (B,) gate over x (B * nW, ..., d): windows of one image are contiguous in the batch."""
-    g = gate.repeat_interleave(x.shape[0] // gate.shape[0]).to(x.dtype)
-    return g.view(-1, *([1] * (x.dim() - 1)))
+def _gated_in_block(block: nn.Module):
+    """(LoRA layers, whether the attention has a prefix, adapters) of one transformer block."""
+    loras = [m for _, m in block.named_modules() if isinstance(m, LoRALayer)]
+    prefixed = getattr(type(block.attn), "peft_prefix", False)
+    adapters = [m for _, m in block.named_modules() if isinstance(m, (SequentialAdapter, ParallelAdapter))]
+    return loras, prefixed, adapters
+
+
+@register_method
+class MoPEFTMethod(PeftMethod):
+    """Gates in every backbone block that holds LoRA, prefix or adapter modules, wired to them. It comes
+    after the methods it gates; its plan finds the blocks that their plans touch."""
+
+    name, config_class, order = "mopeft", MoPEFTConfig, 200
+
+    def check(self, config):
+        if not set(SUBMODULES) & set(config.methods):
+            raise PeftConfigError(
+                "MODEL.PEFT.METHODS: 'mopeft' gates 'lora', 'prefix' and 'adapter'; list some of them"
+            )
+
+    def plan(self, model, cfg, planned, **inputs):
+        blocks = sites.find_modules(model, sites.is_transformer_block, ("*",), "MODEL.PEFT.METHODS 'mopeft'")
+        touched = [p for name in ("lora", "prefix") if name in planned for p in planned[name].converts]
+        touched += [p for plan in planned.values() for p, attr in plan.adds if attr in ("adapter", "parallel_adapter")]
+        chosen = [(path, block) for path, block in blocks
+                  if any(t.startswith(path + ".") for t in touched) or any(_gated_in_block(block))]
+        if not chosen:
+            raise PeftConfigError("MODEL.PEFT.METHODS 'mopeft': no transformer block holds LoRA, prefix or adapters")
+        return Plan(adds=[(p, "mopeft_gates") for p, _ in chosen], sites=chosen)
+
+    def apply(self, model, cfg, plan):
+        for _, block in plan.sites:
+            loras, prefixed, adapters = _gated_in_block(block)
+            present = [name for name, has in zip(SUBMODULES, (loras, prefixed, adapters)) if has]
+            if not present:
+                continue
+            block.mopeft_gates = MoPEFTGates(sites.block_dim(block), present, cfg.init_bias).to(param_device(block))
+            block.register_forward_pre_hook(gates_pre_hook)
+            for m in loras:
+                m.attach_gate(block.mopeft_gates)
+            for m in adapters:
+                object.__setattr__(m, "peft_gate", block.mopeft_gates)
+            if prefixed:
+                object.__setattr__(block.attn, "peft_prefix_gate", block.mopeft_gates)

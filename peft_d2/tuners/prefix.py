@@ -1,4 +1,4 @@
-"""Prefix tuning: learned keys and values prepended in attention (Li and Liang; METHODS.md method 2).
+"""Prefix tuning: learned keys and values prepended in attention (Li and Liang; see docs/methods.md).
 
     K' = [P_K ; X W_k],  V' = [P_V ; X W_v],  P_K, P_V: (l, d) per attention layer
 
@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import sites
 from ..errors import PeftConfigError
+from .base import PeftMethod, Plan, option, register_method
 
 PREFIX_PLACEMENTS = ("attn", "decoder_self_attn")
 
@@ -38,10 +40,10 @@ class PrefixConfig:
     blocks: glob patterns over backbone transformer-block paths (for "attn").
     """
 
-    length: int = 8
-    hidden: int = 0
-    placements: tuple = ("attn",)
-    blocks: tuple = ("*",)
+    length: int = option(8, "prefix tokens l per attention layer")
+    hidden: int = option(0, "> 0: prefixes produced by an MLP of this width (reparameterisation); 0: learned directly")
+    placements: tuple = option(("attn",), "`attn` (backbone blocks), `decoder_self_attn`")
+    blocks: tuple = option(("*",), "glob patterns over backbone transformer-block paths (for `attn`)")
 
     def __post_init__(self):
         self.placements, self.blocks = tuple(self.placements), tuple(self.blocks)
@@ -193,14 +195,20 @@ def _prefix_class(base: type, kind: str) -> type:
     return _CLASSES[key]
 
 
-def add_prefix(module: nn.Module, cfg: PrefixConfig) -> PrefixKV:
-    """Give one attention layer a prefix in place (its class becomes Prefix<Class>)."""
+def prefix_site(module: nn.Module) -> str:
+    """The attention kind of `module`, or a PeftConfigError saying why it cannot take a prefix."""
     kind = attention_kind(module)
     if kind is None:
         raise PeftConfigError("prefix tuning applies to ViT/SAM Attention, Swin WindowAttention and packed "
                               "nn.MultiheadAttention modules")
     if getattr(type(module), "peft_prefix", False) or getattr(type(module), "peft_method", None) == "lora":
         raise PeftConfigError("this attention already has a prefix or LoRA on its own weights")
+    return kind
+
+
+def add_prefix(module: nn.Module, cfg: PrefixConfig) -> PrefixKV:
+    """Give one attention layer a prefix in place (its class becomes Prefix<Class>)."""
+    kind = prefix_site(module)
     dim = module.embed_dim if kind == "mha" else module.qkv.in_features
     p = next(module.parameters())
     prefix = PrefixKV(dim, cfg).to(device=p.device, dtype=p.dtype)
@@ -214,3 +222,30 @@ def prefix_parameter_count(dim: int, cfg: PrefixConfig) -> int:
     if cfg.hidden > 0:
         return cfg.length * dim + dim * cfg.hidden + cfg.hidden + 2 * dim * cfg.hidden + 2 * dim
     return 2 * cfg.length * dim
+
+
+@register_method
+class PrefixMethod(PeftMethod):
+    """Prefixes in the attention of backbone blocks and/or the decoder's self-attention. Plan sites: (path,
+    attention module)."""
+
+    name, config_class = "prefix", PrefixConfig
+
+    def plan(self, model, cfg, planned, **inputs):
+        targets = []
+        if "attn" in cfg.placements:
+            blocks = sites.find_modules(model, sites.is_transformer_block, cfg.blocks, "MODEL.PEFT.PREFIX.BLOCKS")
+            targets += [(f"{path}.attn", block.attn) for path, block in blocks]
+        if "decoder_self_attn" in cfg.placements:
+            key = "MODEL.PEFT.PREFIX.PLACEMENTS 'decoder_self_attn'"
+            targets += sites.find_modules(model, sites.is_decoder_attention("self_attn"), ("*",), key)
+        for path, module in targets:
+            try:
+                prefix_site(module)
+            except PeftConfigError as e:
+                raise PeftConfigError(f"prefix on module '{path}' ({type(module).__name__}): {e}") from None
+        return Plan(converts=[p for p, _ in targets], adds=[(p, "prefix") for p, _ in targets], sites=targets)
+
+    def apply(self, model, cfg, plan):
+        for _, module in plan.sites:
+            add_prefix(module, cfg)

@@ -1,4 +1,4 @@
-"""SFA: selective feature adapters (Deng et al., 2023; METHODS.md method 4; the procedure is our design).
+"""SFA: selective feature adapters (Deng et al., 2023; see docs/methods.md; the procedure is our design).
 
 Two kinds of trainable parameters under one budget that is never exceeded:
 - external adapters: bottleneck adapters after the MLP of the last backbone blocks, as many blocks (counted
@@ -19,7 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import sites
 from ..errors import PeftConfigError
+from .adapter import AdapterConfig, adapter_parameter_count, attach_sequential_adapter
+from .base import PeftMethod, Plan, option, register_method
 
 SCORES = ("magnitude", "grad")
 RANKINGS = ("global", "layer")
@@ -40,16 +43,17 @@ class SFAConfig:
     seed: makes the warm-up, and so the selection, reproducible.
     """
 
-    budget: int = 0
-    budget_ratio: float = 0.01
-    adapter_fraction: float = 0.5
-    adapter_bottleneck: int = 16
-    targets: tuple = ("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2")
-    warmup_iters: int = 20
-    warmup_lr: float = 1e-2
-    score: str = "magnitude"
-    ranking: str = "global"
-    seed: int = 0
+    budget: int = option(0, "total trainable SFA parameters (internal + external); 0: BUDGET_RATIO of the model")
+    budget_ratio: float = option(0.01, "budget as a fraction of all model parameters, when BUDGET is 0")
+    adapter_fraction: float = option(0.5, "share of the budget for external adapters")
+    adapter_bottleneck: int = option(16, "width of each external adapter")
+    targets: tuple = option(("*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"),
+                            "glob patterns over module paths of the candidate `nn.Linear` layers for internal adapters")
+    warmup_iters: int = option(20, "warm-up iterations of full training of the candidates (>= 1)")
+    warmup_lr: float = option(1e-2, "learning rate of the warm-up (SGD with momentum 0.9)")
+    score: str = option("magnitude", "`magnitude` (abs(W_k - W_0)) or `grad` (sum over the warm-up of abs(grad * W))")
+    ranking: str = option("global", "`global` (one top-k over all candidates) or `layer` (the same fraction of each)")
+    seed: int = option(0, "seed of the warm-up, and so of the selection")
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -77,6 +81,7 @@ class SFALinear(nn.Linear):
     """nn.Linear whose weight is W_0 + M * Delta for a fixed sparse mask M. Built in place by `wrap`."""
 
     peft_method = "sfa"
+    peft_tensor_prefixes = ("sfa_",)  # its own tensors an adapter file holds (sfa_index is a buffer)
 
     @classmethod
     def wrap(cls, linear: nn.Linear, index: torch.Tensor) -> "SFALinear":
@@ -182,9 +187,6 @@ def _top_entries(paths, scores, num_entries, ranking) -> dict:
 def plan_external(model: nn.Module, cfg: SFAConfig, budget: int):
     """(blocks, parameter count) of the external adapters: one after the MLP of each of the last backbone
     blocks, counted from the last backwards while they fit in `adapter_fraction` of the budget."""
-    from .. import sites
-    from .adapter import adapter_parameter_count
-
     blocks = [(p, b) for p, b in model.named_modules() if sites.is_transformer_block(b)]
     chosen, used = [], 0
     for path, block in reversed(blocks):
@@ -213,3 +215,49 @@ def random_selection(model: nn.Module, cfg: SFAConfig, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(m.weight.shape, generator=g) for _, m in layers]
     return _top_entries([p for p, _ in layers], scores, budget - adapter_params, cfg.ranking)
+
+
+@register_method
+class SFAMethod(PeftMethod):
+    """External adapters after the MLP of the last blocks, and the selected internal weights (the input
+    `sfa_selection` of `peft_d2.inject`: {module path: flat indices}, from `select` or an adapter file). It is
+    planned first, on the bare base model, whose parameter count its budget is a fraction of."""
+
+    name, config_class, order, mergeable, inputs = "sfa", SFAConfig, 0, True, ("selection",)
+
+    def plan(self, model, cfg, planned, selection=None):
+        if selection is None:
+            raise PeftConfigError(
+                "MODEL.PEFT.METHODS 'sfa' needs its internal selection: run peft_d2.tuners.sfa.select(model, cfg, "
+                "loss_fn) on the base model (the trainer does it from MODEL.PEFT.SFA), or load an SFA adapter file"
+            )
+        budget = cfg.total_budget(model)
+        blocks, adapter_params = plan_external(model, cfg, budget)
+        internal = sum(int(idx.numel()) for idx in selection.values())
+        if internal + adapter_params > budget:
+            raise PeftConfigError(
+                f"MODEL.PEFT.SFA.BUDGET: {internal} internal + {adapter_params} adapter parameters exceed the "
+                f"budget {budget}"
+            )
+        modules = dict(model.named_modules())
+        for path in selection:
+            if type(modules.get(path)) is not nn.Linear:
+                raise PeftConfigError(f"SFA selection names '{path}', which is no nn.Linear of the model")
+        internal_sites = [(path, modules[path], idx) for path, idx in selection.items() if idx.numel()]
+        return Plan(converts=[p for p, *_ in internal_sites], adds=[(f"{p}.mlp", "adapter") for p, _ in blocks],
+                    sites=(budget, internal_sites, blocks))
+
+    def apply(self, model, cfg, plan):
+        budget, internal_sites, blocks = plan.sites
+        cfg.budget = budget  # saved with the config: a reload plans the same adapters
+        for _, linear, idx in internal_sites:
+            SFALinear.wrap(linear, idx)
+        adapter_cfg = AdapterConfig(num_per_site=1, bottleneck=cfg.adapter_bottleneck, placements=("mlp",))
+        for _, block in blocks:
+            attach_sequential_adapter(block.mlp, sites.block_dim(block), adapter_cfg)
+
+    def merge_deltas(self, model):
+        return {f"{path}.weight": m.delta_weight() for path, m in self.layers(model) if not m.sfa_merged}
+
+    def inputs_from_adapter_file(self, tensors):
+        return {"selection": {k[: -len(".sfa_index")]: t for k, t in tensors.items() if k.endswith(".sfa_index")}}

@@ -1,0 +1,332 @@
+"""One frozen base, many adapters: serve several adapter files from one model, routed per image.
+
+    model = build_base_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS); model.eval()
+    peft_d2.load_adapters(model, {"cells": "cells.safetensors", "roads": "roads.safetensors"})
+    model([{"image": a, "adapter": "cells"}, {"image": b, "adapter": "roads"}, {"image": c}])  # c: the base
+    peft_d2.set_adapter(model, "roads")          # images that name no adapter use "roads"
+    with peft_d2.disable_adapters(model):        # the base alone
+        model(batch)
+
+Each file is checked against the base (its fingerprint) by injecting it, with `peft_d2.inject`, into a copy of
+the base that shares the base's tensors; from that copy the serving model keeps only each adapter's own
+modules (LoRA factors, adapter units) and the per-adapter values of trainable head linears. One forward hook
+per site then adds, for the rows of each adapter present in the batch, exactly what that adapter's single
+model computes there, so a mixed batch equals running each image through its own model (tested to 1e-5).
+Images of one adapter are taken together (index_select / index_copy), so a batch with K adapters costs one
+base pass plus each adapter's own small computations.
+
+Which rows belong to which image: inside transformer blocks and MSDeformAttn modules tensors are batch-major
+with the rows of one image contiguous (Swin windows included); nn.MultiheadAttention says so through
+`batch_first`; any other routed site must have the batch as its first dimension (checked on every call: an
+ambiguous shape is an error, never a silent mix). Methods whose computation cannot be routed this way are
+refused when loading: prefix tuning, MoPEFT gates and SFA's internal weights (say which).
+"""
+
+import contextlib
+import contextvars
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import sites
+from .checkpoint import inject_from_checkpoint, read_adapter
+from .errors import PeftCheckpointError, PeftConfigError
+from .inject import peft_parameter_names
+from .tuners.adapter import _parallel_adapter_hook, _sequential_adapter_hook
+from .tuners.lora import LoRALayer
+
+_ROUTE = contextvars.ContextVar("peft_d2_route", default=None)  # (N,) long tensor of adapter slots, -1: base
+ROUTABLE_METHODS = ("lora", "adapter", "cobot")
+HOOKS = {_sequential_adapter_hook: ("adapter", "adapter"), _parallel_adapter_hook: ("parallel", "parallel_adapter")}
+REFUSED = {
+    "prefix": "prefix keys and values change the attention's key length per image",
+    "mopeft": "MoPEFT gates are read by modules of every adapter at once",
+    "sfa": "SFA changes base weights entry by entry (its internal adapters)",
+}
+
+
+class LoRABranch(nn.Module, LoRALayer):
+    """The LoRA factors of one layer of one adapter, computing `lora_output` exactly as the layer did."""
+
+    def __init__(self, layer: LoRALayer):
+        super().__init__()
+        if layer.__dict__.get("lora_gate") is not None:
+            raise PeftConfigError("a MoPEFT-gated LoRA cannot be routed per image")
+        self.lora_A, self.lora_B = layer.lora_A, layer.lora_B
+        self.lora_row_blocks, self.lora_r, self.lora_scaling = layer.lora_row_blocks, layer.lora_r, layer.lora_scaling
+        self.lora_dropout, self.lora_merged = nn.Identity(), False
+        self.lora_shape = tuple(layer._lora_weight().shape)
+        if layer.__dict__.get("lora_cobot") is not None:
+            object.__setattr__(self, "lora_cobot", layer.lora_cobot)
+            self.lora_slots = layer.lora_slots
+
+    def _lora_weight(self):  # only its shape is read by lora_output
+        return torch.empty(self.lora_shape, device="meta")
+
+
+class RoutedSite(nn.Module):
+    """Every adapter's computations at one module: `ops[name]` is that adapter's list, applied in order."""
+
+    def __init__(self, batch_dim):
+        super().__init__()
+        self.batch_dim = batch_dim  # 0, 1, or None (the batch must be the first dimension, checked per call)
+        self.ops = nn.ModuleDict()
+        self.kinds = {}
+        self.mha_weights = {}
+
+    def add(self, name, kind, module):
+        if name not in self.ops:
+            self.ops[name] = nn.ModuleList()
+            self.kinds[name] = []
+        self.ops[name].append(module)
+        self.kinds[name].append(kind)
+
+
+def _route_hook(module, args, kwargs, output):
+    route = _ROUTE.get()
+    if route is None:
+        return output
+    site = module.peft_routes
+    slots, names = route
+    first = output[0] if isinstance(output, tuple) else output
+    dim = _batch_dim(site, first, len(slots), module)
+    new = None
+    for slot in torch.unique(slots).tolist():
+        if slot < 0 or names[slot] not in site.ops:
+            continue
+        name = names[slot]
+        images = torch.nonzero(slots == slot).flatten()
+        rows = _rows(images, first.shape[dim], len(slots), first.device)
+        whole = len(images) == len(slots)  # one adapter for the whole batch: no gathering
+        pick = (lambda t: t) if whole else (lambda t: t.index_select(dim, rows))  # noqa: B023
+        out = pick(first)
+        for kind, op in zip(site.kinds[name], site.ops[name]):
+            if kind == "lora":
+                out = out + op.lora_output(pick(args[0])).to(out.dtype)
+            elif kind == "lora_mha":
+                out = _mha_rows(module, args, kwargs, images, rows, site.mha_weights[name])
+            elif kind == "head":
+                out = F.linear(pick(args[0]), op.weight, op.bias)
+            elif kind == "adapter":
+                out = op(out)
+            else:  # parallel adapter
+                out = out + op(pick(args[0]))
+        if whole:
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        new = first.clone() if new is None else new
+        new.index_copy_(dim, rows, out)
+    if new is None:
+        return output
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def _batch_dim(site, tensor, n_images, module):
+    if site.batch_dim is not None:
+        return site.batch_dim
+    if tensor.shape[0] != n_images or (tensor.dim() > 1 and tensor.shape[1] == n_images):
+        raise RuntimeError(
+            f"peft_d2 routing: cannot tell which rows of {type(module).__name__} output {tuple(tensor.shape)} "
+            f"belong to which of the {n_images} images; serve this batch with one adapter (set_adapter)"
+        )
+    return 0
+
+
+def _rows(images, n_rows, n_images, device):
+    """Rows of the given images when each image owns n_rows / n_images contiguous rows."""
+    if n_rows % n_images:
+        raise RuntimeError(f"peft_d2 routing: {n_rows} rows are not a multiple of the {n_images} images")
+    per = n_rows // n_images
+    return (images[:, None] * per + torch.arange(per, device=images.device)).flatten().to(device)
+
+
+def _mha_rows(mha, args, kwargs, images, rows, in_proj_weight):
+    """nn.MultiheadAttention's output for some images, with a given in_proj_weight (LoRA folded in)."""
+    bound = _bind_mha(args, kwargs)
+    dim = 0 if mha.batch_first else 1
+    q, k, v = (bound[n].index_select(dim, rows) for n in ("query", "key", "value"))
+    if mha.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
+    if kpm is not None:
+        kpm = kpm.index_select(0, rows)
+    if mask is not None and mask.dim() == 3:  # (N * heads, L, S): the heads of image n are rows n*h .. n*h+h-1
+        h = mha.num_heads
+        mask = mask.index_select(0, (rows[:, None] * h + torch.arange(h, device=rows.device)).flatten())
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, mha.embed_dim, mha.num_heads, in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, mha.dropout, mha.out_proj.weight, mha.out_proj.bias, training=mha.training,
+        key_padding_mask=kpm, need_weights=False, attn_mask=mask,
+    )
+    return out.transpose(0, 1) if mha.batch_first else out
+
+
+def _bind_mha(args, kwargs):
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _shared_copy(model, own: set):
+    """A copy of the module tree whose parameters and buffers share storage with `model`'s, except the
+    parameters named in `own` (those an adapter file overwrites), which are copied."""
+    memo = {id(p): nn.Parameter(p.data.clone() if n in own else p.data, requires_grad=False)
+            for n, p in model.named_parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _batch_dims(model):
+    """Module path -> batch dimension, for modules whose layout is known (see the module docstring)."""
+    dims = {}
+    known = [p for p, m in model.named_modules() if sites.is_transformer_block(m) or sites.is_ms_deform_attn(m)]
+    for path, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            dims[path] = 0 if m.batch_first else 1
+        elif any(path == k or path.startswith(k + ".") for k in known):
+            dims[path] = 0
+    return dims
+
+
+def load_adapters(model: nn.Module, paths: dict) -> dict:
+    """Load adapter files {name: path}, all made for `model`'s base (a plain, un-injected model with its base
+    weights), for routing per image. Returns {name: PeftConfig}. Nothing changes in `model` when a file is
+    refused (wrong base, a method that cannot be routed, heads of another shape)."""
+    if getattr(model, "peft_config", None) is not None:
+        raise PeftConfigError("load_adapters expects the plain base model (it has PEFT modules injected)")
+    existing = getattr(model, "peft_adapters", {})
+    clash = sorted(set(paths) & set(existing))
+    if clash:
+        raise PeftConfigError(f"adapters {clash} are already loaded")
+    base_params = dict(model.named_parameters())
+    dims = _batch_dims(model)
+    modules = dict(model.named_modules())
+    plans, configs = [], {}
+    for name, path in paths.items():
+        tensors, _, config = read_adapter(path)
+        refused = [m for m in config.methods if m not in ROUTABLE_METHODS]
+        if refused:
+            raise PeftCheckpointError(f"adapter {name!r} ({path}) uses {refused}, which cannot be routed per image: "
+                                      + "; ".join(REFUSED.get(m, "not supported") for m in refused))
+        view = _shared_copy(model, set(tensors))
+        inject_from_checkpoint(view, path)  # checks the base fingerprint, names and shapes
+        view.eval()
+        peft = peft_parameter_names(view)
+        ops = []
+        for p, m in view.named_modules():
+            if isinstance(m, LoRALayer):
+                if isinstance(m, nn.MultiheadAttention):
+                    ops.append((p, "lora_mha", m.in_proj_weight.detach() + m.lora_delta_weight().detach()))
+                else:
+                    ops.append((p, "lora", LoRABranch(m)))
+        for p, m in view.named_modules():  # in the order of the module's hooks, which is the order they run in
+            for hook in m._forward_hooks.values():
+                if hook in HOOKS:
+                    kind, attr = HOOKS[hook]
+                    ops.append((p, kind, m._modules[attr]))
+        heads = {}
+        for pname, p in view.named_parameters():
+            if pname in peft or not p.requires_grad:
+                continue
+            if torch.equal(p.detach(), base_params[pname].detach()):
+                continue
+            owner, _, leaf = pname.rpartition(".")
+            if type(modules[owner]) is not nn.Linear or leaf not in ("weight", "bias"):
+                raise PeftCheckpointError(
+                    f"adapter {name!r} ({path}) changes the base parameter '{pname}' of a "
+                    f"{type(modules[owner]).__name__}; only trainable nn.Linear heads can be routed per image"
+                )
+            heads[owner] = view.get_submodule(owner)
+        ops += [(p, "head", m) for p, m in heads.items()]
+        if getattr(view, "cobot", None) is not None:
+            ops.append(("", "keep", view.cobot))  # referenced by the adapter's LoRA branches or parallel adapters
+        plans.append((name, ops))
+        configs[name] = config
+    for name, ops in plans:
+        for path, kind, op in ops:
+            _add_op(model, modules, dims, name, path, kind, op)
+    model.peft_adapters = {**existing, **{n: c for n, c in configs.items()}}
+    if not hasattr(model, "peft_active_adapter"):
+        model.peft_active_adapter = None
+        model.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
+        model.register_forward_hook(_root_hook, always_call=True)
+    return configs
+
+
+def _add_op(model, modules, dims, name, path, kind, op):
+    if kind == "keep":
+        if not hasattr(model, "peft_kept"):
+            model.peft_kept = nn.ModuleDict()
+        model.peft_kept[name] = op
+        return
+    module = modules[path]
+    if not hasattr(module, "peft_routes"):
+        module.peft_routes = RoutedSite(dims.get(path))
+        module.register_forward_hook(_route_hook, with_kwargs=True)
+    site = module.peft_routes
+    if kind == "lora_mha":
+        site.mha_weights[name] = op
+        op = nn.Identity()
+    site.add(name, kind, op)
+
+
+# ------------------------------------------------------------------------------------------ routing
+def _root_pre_hook(model, args, kwargs):
+    if getattr(model, "peft_disabled", False):
+        return None
+    inputs = args[0] if args else next(iter(kwargs.values()), None)
+    names = list(model.peft_adapters)
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, dict) for x in inputs):
+        wanted = [x.get("adapter", model.peft_active_adapter) for x in inputs]
+    elif model.peft_active_adapter is not None and torch.is_tensor(inputs):
+        wanted = [model.peft_active_adapter] * inputs.shape[0]
+    else:
+        return None
+    unknown = sorted({w for w in wanted if w is not None and w not in names})
+    if unknown:
+        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
+    slots = torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long)
+    model._peft_route_token = _ROUTE.set((slots, names))
+    return None
+
+
+def _root_hook(model, args, output):
+    token = model.__dict__.pop("_peft_route_token", None)
+    if token is not None:
+        _ROUTE.reset(token)
+    return output
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, adapters: list):
+    """Route a forward pass whose inputs are not detectron2 dicts (e.g. a backbone on an (N, C, H, W)
+    tensor): image n uses adapters[n] (None: the base)."""
+    names = list(model.peft_adapters)
+    unknown = sorted({a for a in adapters if a is not None and a not in names})
+    if unknown:
+        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
+    token = _ROUTE.set((torch.tensor([-1 if a is None else names.index(a) for a in adapters]), names))
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """The adapter of every image that names none (None: the base)."""
+    if name is not None and name not in getattr(model, "peft_adapters", {}):
+        raise KeyError(f"adapter {name!r} is not loaded; loaded: {list(getattr(model, 'peft_adapters', {}))}")
+    model.peft_active_adapter = name
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base alone inside the block, whatever the inputs name."""
+    model.peft_disabled = True
+    token = _ROUTE.set(None)
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
+        model.peft_disabled = False

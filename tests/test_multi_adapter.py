@@ -1,0 +1,125 @@
+"""Several adapter files served from one base model: a mixed batch equals each image through its own model."""
+
+import pytest
+import torch
+from _models import images, tiny_swin
+from test_modeling import base_cfg, inputs
+from test_peft_mask2former import build, peft_cfg
+
+import peft_d2
+from peft_d2 import AdapterConfig, LoRAConfig, PeftConfig, PeftConfigError, inject, multi
+from peft_d2 import checkpoint as ckpt
+from peft_d2.tuners.cobot import CobotConfig
+from peft_d2.tuners.prefix import PrefixConfig
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def trained(model, seed):
+    """Move every trainable tensor, as training would (fresh LoRA and adapters change nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+SWIN_CONFIGS = {
+    "lora": PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv", "*.mlp.fc1"])),
+    "lora_q": PeftConfig(methods=("lora",), lora=LoRAConfig(r=8, qkv_blocks="q", targets=["*.attn.qkv"])),
+    "adapters": PeftConfig(methods=("adapter",), adapter=AdapterConfig(num_per_site=2, placements=("attn", "mlp"))),
+    "parallel": PeftConfig(methods=("adapter",), adapter=AdapterConfig(placements=("parallel_mlp", "mlp"))),
+    "cobot": PeftConfig(methods=("lora", "cobot"), lora=LoRAConfig(r=4, targets=["*.attn.qkv"]),
+                        cobot=CobotConfig("lora")),
+}
+
+
+@pytest.fixture(scope="module")
+def swin_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    models, paths = {}, {}
+    for i, (name, config) in enumerate(SWIN_CONFIGS.items()):
+        model = tiny_swin()
+        inject(model, PeftConfig.from_dict(config.to_dict()))
+        models[name] = trained(model, i)
+        paths[name] = ckpt.save_adapter(model, str(folder / f"{name}.safetensors"))
+    return models, paths
+
+
+def test_mixed_batch_equals_each_image_through_its_own_model(swin_files):
+    models, paths = swin_files
+    serve = tiny_swin()
+    x = images(7)
+    with torch.no_grad():
+        base = serve(x)
+        peft_d2.load_adapters(serve, paths)
+        routing = ["lora", "adapters", None, "cobot", "parallel", "lora_q", "lora"]
+        with multi.route(serve, routing):
+            mixed = serve(x)
+        single = {name: m(x) for name, m in models.items()}
+    for key in mixed:
+        for i, name in enumerate(routing):
+            expected = base[key][i] if name is None else single[name][key][i]
+            torch.testing.assert_close(mixed[key][i], expected, **TOL)
+            if name is not None:  # the adapters change the output: the comparison can fail
+                assert not torch.allclose(expected, base[key][i], **TOL)
+    with torch.no_grad():
+        peft_d2.set_adapter(serve, "parallel")  # tensors inputs: the active adapter for the whole batch
+        torch.testing.assert_close(serve(x)["p1"], single["parallel"]["p1"], **TOL)
+        with peft_d2.disable_adapters(serve):
+            torch.testing.assert_close(serve(x)["p1"], base["p1"], **TOL)
+        peft_d2.set_adapter(serve, None)
+        torch.testing.assert_close(serve(x)["p1"], base["p1"], **TOL)
+
+
+def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_routed_heads(tmp_path):
+    configs = {
+        "lora": {"MODEL.PEFT.METHODS": ["lora"],
+                 "MODEL.PEFT.LORA.TARGETS": ["backbone.layers.*.attn.qkv", "sem_seg_head.predictor.*.self_attn",
+                                             "sem_seg_head.predictor.*.multihead_attn"],
+                 "MODEL.PEFT.LORA.MSDA_LAYERS": ["sampling_offsets", "value_proj"]},
+        "adapters": {"MODEL.PEFT.METHODS": ["adapter"],
+                     "MODEL.PEFT.ADAPTER.PLACEMENTS": ["attn", "msdeform_attn", "decoder_self_attn",
+                                                       "decoder_cross_attn"]},
+    }
+    batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48)))
+    singles, paths = {}, {}
+    for i, (name, opts) in enumerate(configs.items()):
+        model = trained(build(peft_cfg(**opts)), 10 + i)  # heads (TRAINABLE) move too: they are routed
+        paths[name] = ckpt.save_adapter(model, str(tmp_path / f"{name}.safetensors"))
+        with torch.no_grad():
+            singles[name] = [r["sem_seg"] for r in model(batch)]
+    serve = build(base_cfg())
+    with torch.no_grad():
+        base = [r["sem_seg"] for r in serve(batch)]
+        peft_d2.load_adapters(serve, paths)
+        routed = [dict(d, adapter=a) for d, a in zip(batch, ["adapters", None, "lora"])]
+        mixed = [r["sem_seg"] for r in serve(routed)]
+    torch.testing.assert_close(mixed[0], singles["adapters"][0], **TOL)
+    torch.testing.assert_close(mixed[1], base[1], **TOL)
+    torch.testing.assert_close(mixed[2], singles["lora"][2], **TOL)
+    assert not torch.allclose(singles["lora"][2], base[2], **TOL)
+
+
+def test_refusals_leave_the_model_unchanged(swin_files, tmp_path):
+    _, paths = swin_files
+    prefix = tiny_swin()
+    inject(prefix, PeftConfig(methods=("prefix",), prefix=PrefixConfig(length=2)))
+    prefix_path = ckpt.save_adapter(prefix, str(tmp_path / "prefix.safetensors"))
+    serve = tiny_swin()
+    state = {k: v.clone() for k, v in serve.state_dict().items()}
+    with pytest.raises(ckpt.PeftCheckpointError, match=r"'p' .*\['prefix'\].*key length"):
+        peft_d2.load_adapters(serve, {"ok": paths["lora"], "p": prefix_path})
+    other = tiny_swin()
+    other.layers[0].blocks[0].mlp.fc1 = torch.nn.Linear(32, 64)  # another base: fingerprint differs
+    with pytest.raises(ckpt.PeftCheckpointError, match="another base model"):
+        peft_d2.load_adapters(other, {"lora": paths["lora"]})
+    assert not hasattr(serve, "peft_adapters") and serve.state_dict().keys() == state.keys()
+    peft_d2.load_adapters(serve, {"lora": paths["lora"]})
+    with pytest.raises(PeftConfigError, match=r"\['lora'\] are already loaded"):
+        peft_d2.load_adapters(serve, {"lora": paths["lora"]})
+    with pytest.raises(KeyError, match="'roads'"):
+        peft_d2.set_adapter(serve, "roads")
+    with pytest.raises(KeyError, match="'roads'"), multi.route(serve, ["roads"]):
+        pass
