@@ -268,6 +268,100 @@ def test_lora_input_errors(cpu_kernel):
         ops.ms_deform_attn_lora(v, z, B, 1.0, *geo(case), adapter_index=torch.tensor([0, 0]))
 
 
+# ---------------------------------------------------------------- fused or unfused LoRA: the rule and its override
+
+
+def test_lora_path_rule_follows_queries_over_positions(monkeypatch):
+    from peft_d2.ops import lora_path
+
+    monkeypatch.delenv(ops.FUSED_ENV_VAR, raising=False)
+    assert ops.fused_lora_mode() == "auto"
+    for device, ratio in lora_path.LORA_FUSED_MAX_QUERY_RATIO.items():
+        S = 10_000
+        # Q = S (the pixel decoder's self-attention): unfused; Q << S (decoder cross-attention): fused
+        assert ops.choose_lora_path(S, S, device)[0] == "unfused"
+        assert ops.choose_lora_path(300, 21504, device)[0] == "fused"
+        at = int(ratio * S)
+        assert ops.use_fused_lora(at, S, device) and not ops.use_fused_lora(at + 1, S, device)
+        path, why = ops.choose_lora_path(at + 1, S, device)
+        assert path == "unfused" and f"> {ratio} on {device}" in why
+    assert ops.choose_lora_path(1, 1, "mps")[0] == "unfused"  # devices without a measurement: the estimate
+    assert ops.use_fused_lora(5, 0, "cpu") is False  # no positions: Q / max(1, S)
+
+
+@pytest.mark.parametrize("raw,path", [("1", "fused"), ("0", "unfused"), (" AUTO ", None), ("", None)])
+def test_fused_env_var_overrides(monkeypatch, raw, path):
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, raw)
+    for q, s in ((10, 10), (1, 1000)):
+        auto = "unfused" if q == s else "fused"
+        assert ops.choose_lora_path(q, s, "cpu")[0] == (path or auto)
+
+
+@pytest.mark.parametrize("raw", ["yes", "2", "fused"])
+def test_fused_env_var_bad_value_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, raw)
+    with pytest.raises(ValueError, match=rf"PEFT_D2_MSDA_FUSED='{raw}': expected 0 .*, 1 .* or auto"):
+        ops.choose_lora_path(1, 1, "cpu")
+
+
+def _lora_msdeformattn(Q, levels=((8, 8), (4, 4)), d_model=64, heads=4, points=2):
+    from peft_d2 import LoRAConfig
+    from peft_d2.inject import add_lora
+    from peft_d2.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model, len(levels), heads, points).double()
+    add_lora(attn.value_proj, LoRAConfig(r=4, alpha=8.0), "value_proj")
+    with torch.no_grad():
+        attn.value_proj.lora_B.normal_(std=0.1)
+    spatial_shapes, level_start_index = levels_tensors(list(levels))
+    S = int(spatial_shapes.prod(1).sum())
+    inputs = {
+        "query": torch.randn(2, Q, d_model, dtype=torch.float64),
+        "reference_points": torch.rand(2, Q, len(levels), 2, dtype=torch.float64),
+        "input_flatten": torch.randn(2, S, d_model, dtype=torch.float64, requires_grad=True),
+        "input_spatial_shapes": spatial_shapes,
+        "input_level_start_index": level_start_index,
+        "input_padding_mask": torch.rand(2, S) < 0.1,
+    }
+    return attn, inputs, S
+
+
+@pytest.mark.parametrize("Q_of", [lambda S: S, lambda S: 3])
+def test_msdeformattn_dispatch_and_paths_agree(cpu_kernel, monkeypatch, Q_of):
+    """MSDeformAttn runs the path the rule picks; both paths give the same output and gradients."""
+    calls = []
+    fused = ops.ms_deform_attn_lora
+    monkeypatch.setattr(ops, "ms_deform_attn_lora", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attn, inputs, S = _lora_msdeformattn(Q=Q_of(80))
+    assert S == 80
+    Q = inputs["query"].shape[1]
+    results = {}
+    for mode in ("auto", "0", "1"):
+        monkeypatch.setenv(ops.FUSED_ENV_VAR, mode)
+        before = len(calls)
+        out = attn(**inputs)
+        params = [inputs["input_flatten"], attn.value_proj.lora_A, attn.value_proj.lora_B]
+        params += [attn.sampling_offsets.weight, attn.attention_weights.weight]
+        results[mode] = (out.detach(), torch.autograd.grad(out.pow(2).sum(), params))
+        ran_fused = len(calls) > before
+        expected = {"0": False, "1": True, "auto": ops.use_fused_lora(Q, S, "cpu")}[mode]
+        assert ran_fused == expected, mode
+    for mode in ("1", "auto"):
+        torch.testing.assert_close(results[mode][0], results["0"][0], rtol=1e-10, atol=1e-12)
+        for g, g0 in zip(results[mode][1], results["0"][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_msdeformattn_bad_fused_env_var_fails_before_any_change(cpu_kernel, monkeypatch):
+    attn, inputs, _ = _lora_msdeformattn(Q=3)
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, "on")
+    with pytest.raises(ValueError, match="PEFT_D2_MSDA_FUSED='on'"):
+        attn(**inputs)
+    assert all(torch.equal(v, attn.state_dict()[k]) for k, v in state.items())
+
+
 # ---------------------------------------------------------------- input validation
 
 
