@@ -293,7 +293,7 @@ def auto_summary(shape, device, results):
     return line
 
 
-SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
+SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 1)
 
 
 def sweep(device, dtype, repeats, image=512):

@@ -15,13 +15,15 @@ FUSED_ENV_VAR = "PEFT_D2_MSDA_FUSED"
 FUSED_MODES = ("0", "1", "auto")
 
 # Largest Q / S at which the fused path is the faster one, per device type.
-# cpu: measured with `python tools/benchmark_msda.py --sweep` on the project machine (2 cores, float32, H=8, D=32,
-#   L=3, P=4, r=8, S=5376): see README "The deformable-attention operator".
+# cpu: `python tools/benchmark_msda.py --sweep --threads 1 --repeats 7` on the project machine (float32, N=2,
+#   S=5376, H=8, D=32, L=3, P=4, r=8): unfused / fused fwd+bwd = 3.2x at Q/S = 1/64, 1.27x at 1/8, 1.01x at 3/16,
+#   0.95x at 1/4, 0.87x at 1/2, 0.77x at 1 (README "The deformable-attention operator"). The crossing lies
+#   between 3/16 and 1/4.
 # cuda: NOT measured (no GPU has run this code yet). A documented estimate: the fused CUDA kernel gives z's r
-#   channels their own pass of the warp (C = D + r > 32 lanes), roughly doubling the kernel's forward work per
+#   channels a second pass of the warp (C = D + r > 32 lanes), roughly doubling the kernel's forward work per
 #   query, while the unfused path adds a few memory-bound passes over S * H * D; fused should pay only for
 #   Q well below S. tools/gpu_check.py measures both paths at Q = S and Q << S; replace this with a measured value.
-LORA_FUSED_MAX_QUERY_RATIO = {"cpu": 0.25, "cuda": 0.1}
+LORA_FUSED_MAX_QUERY_RATIO = {"cpu": 0.2, "cuda": 0.1}
 DEFAULT_MAX_QUERY_RATIO = 0.1  # other devices (the reference backend): the conservative GPU estimate
 
 
