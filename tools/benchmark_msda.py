@@ -14,10 +14,11 @@ real one), plus a small shape. CPU peak memory is the growth of the process's pe
 measurement (so each method starts clean); CUDA peak memory is torch.cuda.max_memory_allocated.
 
 Beside each shape's table it prints the path MSDeformAttn's automatic rule picks (peft_d2.ops.choose_lora_path)
-and which of fused / unfused measured faster. --sweep measures fused against unfused over a range of Q / S
-(interleaved rounds in one process, so machine noise hits both alike): the measurements the rule's CPU ratio
-comes from. On CUDA the achieved bandwidth of each method (the bytes it must at least read and write) is
-compared with a device-to-device copy measured in the same run.
+and fused / unfused timed head to head (interleaved rounds in this process: the table's per-method subprocesses
+run one after the other, so on a busy machine only the head-to-head ratio is a fair comparison). --sweep times
+fused against unfused head to head over a range of Q / S: the measurements the rule's CPU ratio comes from.
+On CUDA the achieved bandwidth of each method (the bytes it must at least read and write) is compared with a
+device-to-device copy measured in the same run.
 
     python tools/benchmark_msda.py                 # CPU, about 1-2 minutes on 2 cores
     python tools/benchmark_msda.py --sweep         # CPU, fused vs unfused over Q / S
@@ -279,25 +280,48 @@ def copy_bandwidth(device, nbytes=1 << 30, repeats=10):
     return 2 * src.numel() * 4 / best
 
 
-def auto_summary(shape, device, results):
-    """The path the automatic rule picks for this shape, and whether it is the one measured faster."""
+def head_to_head(shape, device, dtype, repeats):
+    """Best fwd+bwd seconds of the unfused and the fused path on the same inputs, in interleaved rounds of one
+    process (alternating which goes first), so that a busy machine slows both alike."""
+    x = make_inputs(shape, device, dtype)
+    for t in leaves("fused", x):
+        t.requires_grad_(True)
+    best = {"unfused": float("inf"), "fused": float("inf")}
+    for i in range(repeats + 1):  # round 0 warms up
+        for m in ("unfused", "fused") if i % 2 else ("fused", "unfused"):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = run_method(m, x)
+            out.backward(torch.ones_like(out))
+            _sync(device)
+            if i:
+                best[m] = min(best[m], time.perf_counter() - t0)
+            for t in leaves(m, x):
+                t.grad = None
+            del out
+    return best
+
+
+def auto_summary(shape, device, dtype, repeats):
+    """The path the automatic rule picks for this shape, beside both paths timed head to head."""
     from peft_d2 import ops
 
     path, why = ops.choose_lora_path(shape["Q"], shape["S"], device)
-    line = f"auto picks {path} ({why})"
-    if all(m in results and "error" not in results[m] for m in ("fused", "unfused")):
-        f, u = results["fused"]["fwdbwd"], results["unfused"]["fwdbwd"]
-        faster = "fused" if f < u else "unfused"
-        line += f"; measured fwd+bwd: fused {f * 1e3:.1f} ms, unfused {u * 1e3:.1f} ms -> {faster} is faster"
-        line += " (auto is right)" if path == faster else " (AUTO IS WRONG HERE)"
-    return line
+    best = head_to_head(shape, device, dtype, repeats)
+    faster = "fused" if best["fused"] < best["unfused"] else "unfused"
+    verdict = "auto is right" if path == faster else "AUTO PICKS THE SLOWER PATH"
+    return (
+        f"auto picks {path} ({why}); head to head, fwd+bwd best of {repeats}: unfused {best['unfused'] * 1e3:.1f} "
+        f"ms, fused {best['fused'] * 1e3:.1f} ms, unfused/fused {best['unfused'] / best['fused']:.2f}x -> "
+        f"{faster} is faster ({verdict})"
+    )
 
 
 SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 1)
 
 
 def sweep(device, dtype, repeats, image=512):
-    """Fused vs unfused fwd+bwd over Q / S on the Mask2Former pyramid, interleaved rounds in this process."""
+    """Fused vs unfused fwd+bwd over Q / S on the Mask2Former pyramid, head to head."""
     from peft_d2 import ops
 
     S = make_shape("s", 2, image)["S"]
@@ -306,22 +330,7 @@ def sweep(device, dtype, repeats, image=512):
     wrong = 0
     for frac in SWEEP_FRACTIONS:
         Q = max(1, round(frac * S))
-        shape = make_shape("sweep", 2, image, queries=Q)
-        x = make_inputs(shape, device, dtype)
-        for t in leaves("fused", x):
-            t.requires_grad_(True)
-        best = {"unfused": float("inf"), "fused": float("inf")}
-        for i in range(repeats + 1):
-            for m in ("unfused", "fused") if i % 2 else ("fused", "unfused"):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = run_method(m, x)
-                out.backward(torch.ones_like(out))
-                _sync(device)
-                if i:
-                    best[m] = min(best[m], time.perf_counter() - t0)
-                for t in leaves(m, x):
-                    t.grad = None
+        best = head_to_head(make_shape("sweep", 2, image, queries=Q), device, dtype, repeats)
         path = ops.choose_lora_path(Q, S, device)[0]
         faster = "fused" if best["fused"] < best["unfused"] else "unfused"
         wrong += path != faster
@@ -421,7 +430,7 @@ def main(argv=None):
                 bw = min_bytes(m, shape, dtype, True) / res["fwdbwd"]
                 ratios += f"{bw / 1e9:9.0f}{bw / copy_bw:7.2f}"
             print(f"{m:<20}{fmt_ms(res['fwd'])}{fmt_ms(res['fwdbwd']):>12}{fmt_mb(res['peak'])} {ratios}")
-        print(auto_summary(shape, args.device, results))
+        print(auto_summary(shape, args.device, dtype, max(repeats, 5)))
         if "fused" in results and "lora_offsets_attn" in results and "error" not in results["fused"]:
             share = results["lora_offsets_attn"]["fwdbwd"] / results["fused"]["fwdbwd"]
             print(
