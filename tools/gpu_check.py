@@ -139,8 +139,8 @@ def run(ctx, result, cmd, env_extra=None):
 
 
 # What the stages import besides torch; a GPU machine without a registry gets them as wheels (README "GPU check").
-REQUIRED_MODULES = ("torchvision", "detectron2", "fvcore", "iopath", "pycocotools", "scipy", "tabulate",
-                    "safetensors", "pytest")
+REQUIRED_MODULES = ("setuptools", "torchvision", "detectron2", "fvcore", "iopath", "pycocotools", "scipy",
+                    "tabulate", "safetensors", "pytest")
 
 
 def missing_modules(ctx, modules):
@@ -300,6 +300,7 @@ def main(argv=None):
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="peft_d2_gpu_check_") as target:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (target, ROOT, env.get("PYTHONPATH")) if p)
+        env["PATH"] = os.pathsep.join(p for p in (os.path.join(target, "bin"), env.get("PATH")) if p)  # e.g. ninja
         env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
         ctx = Context(args, args.python, env, None, None)
 
