@@ -154,6 +154,7 @@ def test_a_failed_build_skips_the_stages_after_it(tmp_path, monkeypatch):
         (["--arch", "sm_90"], "--arch 'sm_90': expected a compute capability"),
         (["--stages", "deploy"], "invalid choice: 'deploy'"),
         (["--train-batch", "0"], "must be positive"),
+        (["--python", "/no/such/python"], "--python /no/such/python: not an executable interpreter"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, capsys, argv, message):

@@ -725,3 +725,25 @@ def test_cuda_msdeformattn_fused_and_unfused_paths_agree(cuda_kernel, monkeypatc
     assert_close_rel(results["1"][0], results["0"][0], 1e-5, "output")
     for g1, g0 in zip(results["1"][1], results["0"][1]):
         assert_close_rel(g1, g0, 1e-5, "gradient")
+
+
+@pytest.mark.gpu
+def test_cuda_op_asserts_on_levels_past_s(cuda_kernel):
+    """The raw op (no Python checks, as in a compiled graph) stops with a device-side assert instead of reading
+    past S when spatial_shapes claim more positions than value has; in a subprocess, since the assert ends the
+    CUDA context."""
+    import subprocess
+
+    code = (
+        "import torch, peft_d2.ops as ops\n"
+        "ops.load_extension()\n"
+        "v = torch.randn(1, 20, 2, 4, device='cuda')\n"
+        "ss = torch.tensor([[4, 4], [3, 3]], device='cuda')\n"  # 16 + 9 = 25 > 20 positions
+        "lsi = torch.tensor([0, 16], device='cuda')\n"
+        "loc = torch.rand(1, 5, 2, 2, 3, 2, device='cuda')\n"
+        "a = torch.rand(1, 5, 2, 2, 3, device='cuda')\n"
+        "torch.ops.peft_d2.ms_deform_attn_forward(v, ss, lsi, loc, a)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-2000:]

@@ -21,7 +21,7 @@ failed). The exit status is non-zero when a stage failed, or when no CUDA device
 --dry-run runs the wheel install (into a temporary target, removed afterwards) and prints, per stage, the
 command it would run or why it would skip; CI runs it on CPU (tests/test_gpu_check.py).
 
-    python tools/gpu_check.py --wheels ~/wheels                   # everything; results in gpu_check_results.md
+    python tools/gpu_check.py --wheels ~/wheels         # everything; results in docs/gpu_check_results.md
     python tools/gpu_check.py --wheels ~/wheels --stages build tests
     python tools/gpu_check.py --dry-run --wheels ~/wheels         # the plan, on any machine
 """
@@ -70,7 +70,7 @@ class Context:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheels", help="folder of .whl files to install into a temporary target (no registry)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "gpu_check_results.md"), help="the results file")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "gpu_check_results.md"), help="the results file")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     parser.add_argument("--dry-run", action="store_true", help="install the wheels, then only plan the other stages")
     parser.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST for the build (default: the device's, e.g. 9.0)")
@@ -86,6 +86,8 @@ def parse_args(argv=None):
         parser.error(f"--wheels {args.wheels}: the folder holds no .whl files")
     if args.arch is not None and not _valid_arch(args.arch):
         parser.error(f"--arch {args.arch!r}: expected a compute capability such as 8.0, 9.0 or 9.0a")
+    if shutil.which(args.python) is None:
+        parser.error(f"--python {args.python}: not an executable interpreter")
     if args.train_size <= 0 or args.train_batch <= 0 or args.timeout <= 0:
         parser.error("--train-size, --train-batch and --timeout must be positive")
     return args
@@ -121,6 +123,7 @@ def probe_cuda(python, env):
 def run(ctx, result, cmd, env_extra=None):
     """Runs one command of a stage; True when it exited with 0. Its output goes to the result."""
     env = dict(ctx.env, **(env_extra or {}))
+    print(f"  running: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=ctx.args.timeout)

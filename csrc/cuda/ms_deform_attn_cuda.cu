@@ -35,6 +35,12 @@ struct AtomicAdd {
   }
 };
 
+// The level's rows must lie inside S: the Python face checks spatial_shapes / level_start_index on the host, but
+// a direct call of the op (or a compiled graph, where that check is skipped) must not read or write past S.
+__device__ __forceinline__ void level_in_bounds(const Dims& d, int64_t Hl, int64_t Wl, int64_t start) {
+  CUDA_KERNEL_ASSERT(Hl > 0 && Wl > 0 && start >= 0 && start + Hl * Wl <= d.S);
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -67,6 +73,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(Dims d, const scalar_t*
     msda::Corners<A> c;
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+      level_in_bounds(d, Hl, Wl, start);
       for (int64_t p = 0; p < d.P; ++p) {
         const int64_t lp = b * LP + l * d.P + p;
         msda::bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
@@ -100,6 +107,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(
   msda::Corners<A> c;
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+    level_in_bounds(d, Hl, Wl, start);
     for (int64_t p = 0; p < d.P; ++p) {
       const int64_t lp = b * LP + l * d.P + p;
       msda::bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
