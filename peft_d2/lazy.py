@@ -49,11 +49,10 @@ def _plain(value):
     return value
 
 
-def _check_fields(d: dict, cls, where: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
+def _check_fields(d: dict, known: list, what: str, where: str) -> None:
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise PeftConfigError(f"{where}: unknown key(s) {unknown}; {cls.__name__} has {known}")
+        raise PeftConfigError(f"{where}: unknown key(s) {unknown}; {what} has {known}")
 
 
 def peft_config_from_dict(peft, where: str = "peft") -> PeftConfig:
@@ -64,24 +63,24 @@ def peft_config_from_dict(peft, where: str = "peft") -> PeftConfig:
     PeftConfigError naming `where` and the key."""
     if isinstance(peft, PeftConfig):
         # Fields may hold omegaconf lists when the node was instantiated by LazyConfig: make them plain.
-        peft = {f.name: getattr(peft, f.name) for f in dataclasses.fields(PeftConfig)}
-        peft = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in peft.items()}
+        peft = peft.to_dict()
     peft = _plain(peft)
     if not isinstance(peft, dict):
         raise PeftConfigError(
             f"{where} must be a PeftConfig or a dict of its fields (methods, trainable, lora, adapter, ...), "
             f"got {type(peft).__name__}"
         )
-    _check_fields(peft, PeftConfig, where)
+    _check_fields(peft, ["methods", "trainable", *METHODS], "PeftConfig", where)
     for key in ("methods", "trainable"):
         if key in peft and (isinstance(peft[key], str) or not isinstance(peft[key], (list, tuple))):
             raise PeftConfigError(f"{where}.{key} must be a list of strings, got {peft[key]!r}")
     kwargs = dict(peft)
-    for key, cls in METHODS.items():
+    for key, method in METHODS.items():
+        cls = method.config_class
         if key in peft:
             if not isinstance(peft[key], dict):
                 raise PeftConfigError(f"{where}.{key} must be a dict of {cls.__name__} fields, got {peft[key]!r}")
-            _check_fields(peft[key], cls, f"{where}.{key}")
+            _check_fields(peft[key], [f.name for f in dataclasses.fields(cls)], cls.__name__, f"{where}.{key}")
             try:
                 kwargs[key] = cls(**peft[key])
             except PeftConfigError as e:  # the method's own check names its YACS key: say where it came from

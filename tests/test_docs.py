@@ -21,17 +21,9 @@ TEXT_SUFFIXES = {".md", ".py", ".yaml", ".yml", ".txt", ".sh", ".toml", ".cfg", 
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", "build", "output"}
 SHALLOW = {"datasets"}  # its scripts and README only: the datasets themselves may live below it (the default root)
 
-# Documents another branch of issue 13 adds: references to them are accepted while they are missing. Remove an
-# entry when its document is merged (test_pending_documents_are_still_missing fails as a reminder).
-PENDING_DOCUMENTS: set[str] = set()
-
-# Files that still name the team's background notes and are being restructured in other branches of issue 13;
-# their references are to be replaced on merge (see docs/methods.md and docs/design.md, whose principles keep
-# the old numbers). Remove an entry when its file is fixed (test_pending_files_still_need_fixing reminds).
-PENDING_FILES = {"peft_d2/ops/__init__.py", "peft_d2/ops/msda.py"}
-
-# Markdown files the tools write at run time (not documents of the repository): tools/demo.py's output/demo/.
-GENERATED = {"results.md"}
+# Markdown files the tools write at run time (not documents of the repository): tools/demo.py's output/demo/
+# and the GPU check's results (tools/gpu_check.py).
+GENERATED = {"results.md", "gpu_check_results.md"}
 
 OUTSIDE = re.compile(r"\.\./+shared\b|\.\./\.\./")
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
@@ -103,8 +95,7 @@ def _problems(path: Path, text: str | None = None) -> list[str]:
             candidates = [path.parent / ref, ROOT / ref]
             target = next((c for c in candidates if _exists_exactly(c)), None)
             if target is None:
-                pending = {os.path.relpath(os.path.normpath(c), ROOT) for c in candidates} & PENDING_DOCUMENTS
-                if ref not in GENERATED and not pending:
+                if os.path.basename(ref) not in GENERATED:
                     problems.append(f"{where}: names {ref}, which is not in the repository")
             elif anchor and anchor[1:] not in _anchors(target):
                 problems.append(f"{where}: {ref}{anchor}: no such heading in {target.relative_to(ROOT)}")
@@ -115,7 +106,7 @@ def _problems(path: Path, text: str | None = None) -> list[str]:
 
 
 def test_no_reference_points_outside_the_repository():
-    problems = [p for f in _text_files() if f.relative_to(ROOT).as_posix() not in PENDING_FILES for p in _problems(f)]
+    problems = [p for f in _text_files() for p in _problems(f)]
     assert not problems, "references that do not resolve inside the repository:\n" + "\n".join(problems)
 
 
@@ -142,13 +133,3 @@ def test_the_docs_exist_and_link_each_other():
 def test_the_checker_finds_what_it_should(line, expected):
     problems = _problems(ROOT / "docs" / "probe.md", line)
     assert len(problems) == expected, problems
-
-
-def test_pending_documents_are_still_missing():
-    merged = sorted(p for p in PENDING_DOCUMENTS if (ROOT / p).exists())
-    assert not merged, f"{merged} exist now: remove them from PENDING_DOCUMENTS in tests/test_docs.py"
-
-
-def test_pending_files_still_need_fixing():
-    fixed = sorted(f for f in PENDING_FILES if not _problems(ROOT / f))
-    assert not fixed, f"{fixed} reference nothing outside the repository now: remove them from PENDING_FILES"

@@ -131,7 +131,7 @@ def border_locations(size):
     return torch.tensor(sorted(set(pts)), dtype=torch.float64)
 
 
-def test_cpu_border_locations_float64(cpu_kernel):
+def border_case():
     levels = [(8, 4), (2, 2), (1, 1)]
     N, H, D, P = 1, 2, 6, 2
     xs, ys = border_locations(4), border_locations(8)
@@ -141,6 +141,11 @@ def test_cpu_border_locations_float64(cpu_kernel):
     loc = grid.view(1, Q, 1, 1, 1, 2).expand(N, Q, H, len(levels), P, 2).clone()
     loc[..., 1, :] = torch.roll(loc[..., 1, :], 3, dims=1)  # other levels see other points of the same set
     case["sampling_locations"] = loc
+    return case
+
+
+def test_cpu_border_locations_float64(cpu_kernel):
+    case = border_case()
     out, g = grads(plain_fn(ops.ms_deform_attn), case, PLAIN_GRADS)
     ref, g_ref = grads(plain_fn(ops.ms_deform_attn_reference), case, PLAIN_GRADS)
     assert_close_rel(out, ref, 1e-10, "output")
@@ -266,6 +271,100 @@ def test_lora_input_errors(cpu_kernel):
         ops.ms_deform_attn_lora(v, z, B.expand(2, -1, -1), 1.0, *geo(case), adapter_index=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="only for a stacked lora_B"):
         ops.ms_deform_attn_lora(v, z, B, 1.0, *geo(case), adapter_index=torch.tensor([0, 0]))
+
+
+# ---------------------------------------------------------------- fused or unfused LoRA: the rule and its override
+
+
+def test_lora_path_rule_follows_queries_over_positions(monkeypatch):
+    from peft_d2.ops import lora_path
+
+    monkeypatch.delenv(ops.FUSED_ENV_VAR, raising=False)
+    assert ops.fused_lora_mode() == "auto"
+    for device, ratio in lora_path.LORA_FUSED_MAX_QUERY_RATIO.items():
+        S = 10_000
+        # Q = S (the pixel decoder's self-attention): unfused; Q << S (decoder cross-attention): fused
+        assert ops.choose_lora_path(S, S, device)[0] == "unfused"
+        assert ops.choose_lora_path(300, 21504, device)[0] == "fused"
+        at = int(ratio * S)
+        assert ops.use_fused_lora(at, S, device) and not ops.use_fused_lora(at + 1, S, device)
+        path, why = ops.choose_lora_path(at + 1, S, device)
+        assert path == "unfused" and f"> {ratio} on {device}" in why
+    assert ops.choose_lora_path(1, 1, "mps")[0] == "unfused"  # devices without a measurement: the estimate
+    assert ops.use_fused_lora(5, 0, "cpu") is False  # no positions: Q / max(1, S)
+
+
+@pytest.mark.parametrize("raw,path", [("1", "fused"), ("0", "unfused"), (" AUTO ", None), ("", None)])
+def test_fused_env_var_overrides(monkeypatch, raw, path):
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, raw)
+    for q, s in ((10, 10), (1, 1000)):
+        auto = "unfused" if q == s else "fused"
+        assert ops.choose_lora_path(q, s, "cpu")[0] == (path or auto)
+
+
+@pytest.mark.parametrize("raw", ["yes", "2", "fused"])
+def test_fused_env_var_bad_value_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, raw)
+    with pytest.raises(ValueError, match=rf"PEFT_D2_MSDA_FUSED='{raw}': expected 0 .*, 1 .* or auto"):
+        ops.choose_lora_path(1, 1, "cpu")
+
+
+def _lora_msdeformattn(Q, levels=((8, 8), (4, 4)), d_model=64, heads=4, points=2):
+    from peft_d2 import LoRAConfig
+    from peft_d2.inject import add_lora
+    from peft_d2.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model, len(levels), heads, points).double()
+    add_lora(attn.value_proj, LoRAConfig(r=4, alpha=8.0), "value_proj")
+    with torch.no_grad():
+        attn.value_proj.lora_B.normal_(std=0.1)
+    spatial_shapes, level_start_index = levels_tensors(list(levels))
+    S = int(spatial_shapes.prod(1).sum())
+    inputs = {
+        "query": torch.randn(2, Q, d_model, dtype=torch.float64),
+        "reference_points": torch.rand(2, Q, len(levels), 2, dtype=torch.float64),
+        "input_flatten": torch.randn(2, S, d_model, dtype=torch.float64, requires_grad=True),
+        "input_spatial_shapes": spatial_shapes,
+        "input_level_start_index": level_start_index,
+        "input_padding_mask": torch.rand(2, S) < 0.1,
+    }
+    return attn, inputs, S
+
+
+@pytest.mark.parametrize("Q_of", [lambda S: S, lambda S: 3])
+def test_msdeformattn_dispatch_and_paths_agree(cpu_kernel, monkeypatch, Q_of):
+    """MSDeformAttn runs the path the rule picks; both paths give the same output and gradients."""
+    calls = []
+    fused = ops.ms_deform_attn_lora
+    monkeypatch.setattr(ops, "ms_deform_attn_lora", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attn, inputs, S = _lora_msdeformattn(Q=Q_of(80))
+    assert S == 80
+    Q = inputs["query"].shape[1]
+    results = {}
+    for mode in ("auto", "0", "1"):
+        monkeypatch.setenv(ops.FUSED_ENV_VAR, mode)
+        before = len(calls)
+        out = attn(**inputs)
+        params = [inputs["input_flatten"], attn.value_proj.lora_A, attn.value_proj.lora_B]
+        params += [attn.sampling_offsets.weight, attn.attention_weights.weight]
+        results[mode] = (out.detach(), torch.autograd.grad(out.pow(2).sum(), params))
+        ran_fused = len(calls) > before
+        expected = {"0": False, "1": True, "auto": ops.use_fused_lora(Q, S, "cpu")}[mode]
+        assert ran_fused == expected, mode
+    for mode in ("1", "auto"):
+        torch.testing.assert_close(results[mode][0], results["0"][0], rtol=1e-10, atol=1e-12)
+        for g, g0 in zip(results[mode][1], results["0"][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_msdeformattn_bad_fused_env_var_fails_before_any_change(cpu_kernel, monkeypatch):
+    attn, inputs, _ = _lora_msdeformattn(Q=3)
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, "on")
+    with pytest.raises(ValueError, match="PEFT_D2_MSDA_FUSED='on'"):
+        attn(**inputs)
+    assert all(torch.equal(v, attn.state_dict()[k]) for k, v in state.items())
 
 
 # ---------------------------------------------------------------- input validation
@@ -513,7 +612,7 @@ def _to(case, device, dtype=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("config", ["odd", "m2f-like"])
 def test_cuda_matches_reference(cuda_kernel, dtype, tol, config):
     case = make_case(**CONFIGS[config], r=6)
@@ -571,3 +670,80 @@ def test_cuda_multi_adapter_and_gradcheck(cuda_kernel):
 def test_opcheck_cuda(cuda_kernel):
     for op, args in _op_samples(torch.float32, "cuda"):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cuda_border_locations(cuda_kernel, dtype, tol):
+    """Corners, edges, centres and points outside every level, plain and fused, outputs and gradients."""
+    case = border_case()
+    gpu = _to(case, "cuda", dtype)
+    for fn, impl, ref_impl, names in (
+        (plain_fn, ops.ms_deform_attn, ops.ms_deform_attn_reference, PLAIN_GRADS),
+        (lora_fn, ops.ms_deform_attn_lora, ops.ms_deform_attn_lora_reference, LORA_GRADS),
+    ):
+        out, g = grads(fn(impl), gpu, names)
+        ref, g_ref = grads(fn(ref_impl), _to(gpu, "cpu", torch.float64), names)
+        assert_close_rel(out.cpu(), ref, tol, f"{impl.__name__} output")
+        for k in names:
+            assert_close_rel(g[k].cpu(), g_ref[k], tol, f"{impl.__name__} grad {k}")
+
+
+@pytest.mark.gpu
+def test_cuda_multi_adapter_gradients_float32(cuda_kernel):
+    K, r = 3, 4
+    case = make_case(**dict(CONFIGS["m2f-like"], N=3), r=r)
+    H, D = case["value"].shape[2:]
+    case["lora_B"] = torch.randn(K, H * D, r, dtype=torch.float64)
+    index, scaling = torch.tensor([2, 0, 2]), torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    names = LORA_GRADS
+
+    def fn(impl):
+        return lambda c: impl(c["value"], c["z"], c["lora_B"], scaling.to(c["value"]), *geo(c),
+                              adapter_index=index.to(c["value"].device))
+
+    out, g = grads(fn(ops.ms_deform_attn_lora), _to(case, "cuda", torch.float32), names)
+    ref, g_ref = grads(fn(ops.ms_deform_attn_lora_reference), case, names)
+    assert_close_rel(out.cpu(), ref, 1e-5, "output")
+    for k in names:
+        assert_close_rel(g[k].cpu(), g_ref[k], 1e-5, f"grad {k}")
+    assert g["lora_B"][1].abs().sum() == 0 and g["lora_B"][0].abs().sum() > 0  # adapter 1 is unused
+
+
+@pytest.mark.gpu
+def test_cuda_msdeformattn_fused_and_unfused_paths_agree(cuda_kernel, monkeypatch):
+    attn, inputs, _ = _lora_msdeformattn(Q=5)
+    attn = attn.float().cuda()
+    inputs = {k: (v.detach().float() if v.is_floating_point() else v).cuda() for k, v in inputs.items()}
+    inputs["input_flatten"].requires_grad_()
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(ops.FUSED_ENV_VAR, mode)
+        out = attn(**inputs)
+        params = [inputs["input_flatten"], attn.value_proj.lora_A, attn.value_proj.lora_B]
+        results[mode] = (out.detach(), torch.autograd.grad(out.pow(2).sum(), params))
+    assert_close_rel(results["1"][0], results["0"][0], 1e-5, "output")
+    for g1, g0 in zip(results["1"][1], results["0"][1]):
+        assert_close_rel(g1, g0, 1e-5, "gradient")
+
+
+@pytest.mark.gpu
+def test_cuda_op_asserts_on_levels_past_s(cuda_kernel):
+    """The raw op (no Python checks, as in a compiled graph) stops with a device-side assert instead of reading
+    past S when spatial_shapes claim more positions than value has; in a subprocess, since the assert ends the
+    CUDA context."""
+    import subprocess
+
+    code = (
+        "import torch, peft_d2.ops as ops\n"
+        "ops.load_extension()\n"
+        "v = torch.randn(1, 20, 2, 4, device='cuda')\n"
+        "ss = torch.tensor([[4, 4], [3, 3]], device='cuda')\n"  # 16 + 9 = 25 > 20 positions
+        "lsi = torch.tensor([0, 16], device='cuda')\n"
+        "loc = torch.rand(1, 5, 2, 2, 3, 2, device='cuda')\n"
+        "a = torch.rand(1, 5, 2, 2, 3, device='cuda')\n"
+        "torch.ops.peft_d2.ms_deform_attn_forward(v, ss, lsi, loc, a)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-2000:]

@@ -135,15 +135,19 @@ def test_value_proj_lora_runs_the_fused_operator(monkeypatch):
     calls = []
     fused = ops.ms_deform_attn_lora
     monkeypatch.setattr(ops, "ms_deform_attn_lora", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, "1")
     out_fused = outputs(model)
     assert calls
     # the unfused path (LoRA applied to value_proj's output, then the plain operator) agrees
-    from peft_d2.tuners.lora import LoRALayer
-
-    monkeypatch.setattr(LoRALayer, "lora_fusable", lambda self: False)
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, "0")
     n_calls = len(calls)
     for a, b in zip(out_fused, outputs(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == n_calls
+    # auto: the pixel decoder's self-attention (Q = S) runs the unfused path on CPU, where it is the faster one
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, "auto")
+    assert ops.choose_lora_path(100, 100, "cpu")[0] == "unfused"
+    outputs(model)
     assert len(calls) == n_calls
 
 

@@ -13,17 +13,30 @@ P=4, Q=S: encoder self-attention, rank 8); on CPU by default a scaled-down 512x5
 real one), plus a small shape. CPU peak memory is the growth of the process's peak RSS in a fresh subprocess per
 measurement (so each method starts clean); CUDA peak memory is torch.cuda.max_memory_allocated.
 
+Beside each shape's table it prints the path MSDeformAttn's automatic rule picks (peft_d2.ops.choose_lora_path)
+and fused / unfused timed head to head (interleaved rounds in this process: the table's per-method subprocesses
+run one after the other, so on a busy machine only the head-to-head ratio is a fair comparison). --sweep times
+fused against unfused head to head over a range of Q / S: the measurements the rule's CPU ratio comes from.
+On CUDA the achieved bandwidth of each method (the bytes it must at least read and write) is compared with a
+device-to-device copy measured in the same run.
+
     python tools/benchmark_msda.py                 # CPU, about 1-2 minutes on 2 cores
+    python tools/benchmark_msda.py --sweep         # CPU, fused vs unfused over Q / S
     python tools/benchmark_msda.py --device cuda   # needs a CUDA build of peft_d2._C
+    python tools/benchmark_msda.py --device cuda --dtype bfloat16 --shapes m2f decoder
 """
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's peft_d2, also in the measurement subprocesses
 
 METHODS = ("reference", "plain", "unfused", "fused", "lora_offsets_attn")
 
@@ -70,6 +83,17 @@ def encoder_locations(shape, g):
 # Mask DINO-style decoder cross-attention into the same 1024x1024 pyramid: few queries, so the unfused path's
 # augmented value (all S positions) costs far more than the queries' own sampling.
 DECODER = make_shape("decoder cross-attn (N=2, Q=300, 128/64/32)", 2, 1024, queries=300)
+SHAPE_NAMES = ("m2f", "decoder", "small")
+
+
+def shapes_for(device, full, names):
+    """The named benchmark shapes; on CPU the Mask2Former one is scaled down to 512x512 unless `full`."""
+    if device == "cuda" or full:
+        big = make_shape("m2f-1024 (N=2, 128/64/32)", 2, 1024)
+    else:
+        big = make_shape("m2f-512, scaled down from 1024 (N=2, 64/32/16)", 2, 512)
+    table = {"m2f": big, "decoder": DECODER, "small": make_shape("small (N=2, 16/8/4)", 2, 128)}
+    return [table[n] for n in names]
 
 
 def make_inputs(shape, device, dtype, seed=0):
@@ -230,6 +254,94 @@ def check_agreement(shape, device):
     return {m: (outs[m] - outs["reference"]).abs().max().item() / scale for m in ("unfused", "fused")}
 
 
+def min_bytes(method, shape, dtype, fwdbwd):
+    """Bytes a method must at least move: its inputs read once and its outputs written once (forward), plus the
+    gradients of those inputs written and the output's gradient read (forward+backward)."""
+    N, S, Q, H, D, P, r = (shape[k] for k in ("N", "S", "Q", "H", "D", "P", "r"))
+    L = len(shape["levels"])
+    es = torch.finfo(dtype).bits // 8
+    elems = N * S * H * D + N * Q * H * L * P * 3 + N * Q * H * D  # value, locations + weights, output
+    if method in ("unfused", "fused", "reference"):
+        elems += N * S * r + H * D * r  # z and B
+    return elems * es * (2 if fwdbwd else 1)
+
+
+def copy_bandwidth(device, nbytes=1 << 30, repeats=10):
+    """Bytes per second of a device-to-device copy (read + write counted), best of `repeats`."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def head_to_head(shape, device, dtype, repeats):
+    """Best fwd+bwd seconds of the unfused and the fused path on the same inputs, in interleaved rounds of one
+    process (alternating which goes first), so that a busy machine slows both alike."""
+    x = make_inputs(shape, device, dtype)
+    for t in leaves("fused", x):
+        t.requires_grad_(True)
+    best = {"unfused": float("inf"), "fused": float("inf")}
+    for i in range(repeats + 1):  # round 0 warms up
+        for m in ("unfused", "fused") if i % 2 else ("fused", "unfused"):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = run_method(m, x)
+            out.backward(torch.ones_like(out))
+            _sync(device)
+            if i:
+                best[m] = min(best[m], time.perf_counter() - t0)
+            for t in leaves(m, x):
+                t.grad = None
+            del out
+    return best
+
+
+def auto_summary(shape, device, dtype, repeats):
+    """The path the automatic rule picks for this shape, beside both paths timed head to head."""
+    from peft_d2 import ops
+
+    path, why = ops.choose_lora_path(shape["Q"], shape["S"], device)
+    best = head_to_head(shape, device, dtype, repeats)
+    faster = "fused" if best["fused"] < best["unfused"] else "unfused"
+    verdict = "auto is right" if path == faster else "AUTO PICKS THE SLOWER PATH"
+    return (
+        f"auto picks {path} ({why}); head to head, fwd+bwd best of {repeats}: unfused {best['unfused'] * 1e3:.1f} "
+        f"ms, fused {best['fused'] * 1e3:.1f} ms, unfused/fused {best['unfused'] / best['fused']:.2f}x -> "
+        f"{faster} is faster ({verdict})"
+    )
+
+
+SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 1)
+
+
+def sweep(device, dtype, repeats, image=512):
+    """Fused vs unfused fwd+bwd over Q / S on the Mask2Former pyramid, head to head."""
+    from peft_d2 import ops
+
+    S = make_shape("s", 2, image)["S"]
+    print(f"sweep: fused vs unfused fwd+bwd, N=2, image {image} (S={S}), H=8, D=32, L=3, P=4, r=8; best of {repeats}")
+    print(f"{'Q':>7}{'Q/S':>8}{'unfused ms':>12}{'fused ms':>10}{'unfused/fused':>15}  {'auto':<8}faster")
+    wrong = 0
+    for frac in SWEEP_FRACTIONS:
+        Q = max(1, round(frac * S))
+        best = head_to_head(make_shape("sweep", 2, image, queries=Q), device, dtype, repeats)
+        path = ops.choose_lora_path(Q, S, device)[0]
+        faster = "fused" if best["fused"] < best["unfused"] else "unfused"
+        wrong += path != faster
+        print(
+            f"{Q:7d}{Q / S:8.3f}{best['unfused'] * 1e3:12.1f}{best['fused'] * 1e3:10.1f}"
+            f"{best['unfused'] / best['fused']:14.2f}x  {path:<8}{faster}"
+        )
+    print(f"auto picked the slower path at {wrong} of {len(SWEEP_FRACTIONS)} ratios")
+    return wrong
+
+
 def fmt_ms(s):
     return f"{s * 1e3:9.1f}"
 
@@ -246,12 +358,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (the best is reported)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="leave out the slow reference")
+    parser.add_argument(
+        "--shapes", nargs="+", default=list(SHAPE_NAMES), choices=SHAPE_NAMES, help="which shapes to time"
+    )
+    parser.add_argument("--sweep", action="store_true", help="only fused vs unfused over a range of Q / S")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
     from peft_d2 import ops
 
     info = ops.backend_info()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads "
         f"{args.threads or torch.get_num_threads()}, backend for {args.device}: {info['backend_for_' + args.device]}"
@@ -260,18 +378,16 @@ def main(argv=None):
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device")
         print(f"GPU: {torch.cuda.get_device_name()}")
-        shapes = [make_shape("m2f-1024 (N=2, 128/64/32)", 2, 1024), DECODER, make_shape("small (N=2, 16/8/4)", 2, 128)]
-        repeats = args.repeats or 20
-    else:
-        big = (
-            make_shape("m2f-1024 (N=2, 128/64/32)", 2, 1024)
-            if args.full
-            else make_shape("m2f-512, scaled down from 1024 (N=2, 64/32/16)", 2, 512)
-        )
-        shapes = [big, DECODER, make_shape("small (N=2, 16/8/4)", 2, 128)]
-        repeats = args.repeats or 3
-        if not args.full:
-            print("CPU: the 1024x1024 shape is scaled down to 512x512 (4x fewer positions and queries); --full runs it")
+    repeats = args.repeats or (20 if args.device == "cuda" else 3)
+    if args.sweep:
+        return sweep(args.device, dtype, repeats)
+    shapes = shapes_for(args.device, args.full, args.shapes)
+    if args.device == "cpu" and not args.full and "m2f" in args.shapes:
+        print("CPU: the 1024x1024 shape is scaled down to 512x512 (4x fewer positions and queries); --full runs it")
+    copy_bw = None
+    if args.device == "cuda":
+        copy_bw = copy_bandwidth("cuda")
+        print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
 
     methods = [m for m in METHODS if not (args.skip_reference and m == "reference")]
     agree = check_agreement(make_shape("check", 1, 64), args.device)
@@ -291,9 +407,10 @@ def main(argv=None):
             else:
                 results[m] = measure(m, shape, "cuda", dtype, repeats)
         base = results.get("reference")
+        bw_head = f"{'f+b GB/s':>9}{'/copy':>7}" if copy_bw else ""
         print(
             f"{'method':<20}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>9}  {'ref/this fwd':>12}{'ref/this f+b':>13}"
-            f"{'unfused/this f+b':>17}"
+            f"{'unfused/this f+b':>17}{bw_head}"
         )
         for m in methods:
             res = results[m]
@@ -307,14 +424,21 @@ def main(argv=None):
                 ratios = " " * 25
             if "unfused" in results and "error" not in results["unfused"] and m != "lora_offsets_attn":
                 ratios += f"{results['unfused']['fwdbwd'] / res['fwdbwd']:16.2f}x"
+            else:
+                ratios += " " * 17
+            if copy_bw and m != "lora_offsets_attn":
+                bw = min_bytes(m, shape, dtype, True) / res["fwdbwd"]
+                ratios += f"{bw / 1e9:9.0f}{bw / copy_bw:7.2f}"
             print(f"{m:<20}{fmt_ms(res['fwd'])}{fmt_ms(res['fwdbwd']):>12}{fmt_mb(res['peak'])} {ratios}")
+        print(auto_summary(shape, args.device, dtype, max(repeats, 5)))
         if "fused" in results and "lora_offsets_attn" in results and "error" not in results["fused"]:
             share = results["lora_offsets_attn"]["fwdbwd"] / results["fused"]["fwdbwd"]
             print(
                 f"LoRA of sampling_offsets + attention_weights costs {share:.1%} of the fused operator's fwd+bwd: "
                 "the most that fusing it into the kernel could save"
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

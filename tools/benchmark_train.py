@@ -118,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per config and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="mixed precision as detectron2's AMPTrainer: float16 "
+                        "autocast and a GradScaler on CUDA (bfloat16 autocast on CPU)")
     args = parser.parse_args(argv)
     methods = ALL if args.methods == ["all"] else args.methods
     cuda = args.device.startswith("cuda")
@@ -128,14 +130,18 @@ def main(argv=None):
     num_classes = runs["full_finetune"][0].MODEL.SEM_SEG_HEAD.NUM_CLASSES
     batch = make_batch(args.batch, args.size, num_classes, args.device)
     optims = {m: build_optimizer_from_trainable(cfg, model) for m, (cfg, model) in runs.items()}
+    device_type = torch.device(args.device).type
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    scalers = {m: torch.amp.GradScaler(device_type, enabled=args.amp and cuda) for m in runs}
 
     def step(m):
-        model, opt = runs[m][1], optims[m]
-        with EventStorage(0):
+        model, opt, scaler = runs[m][1], optims[m], scalers[m]
+        with EventStorage(0), torch.autocast(device_type, dtype=amp_dtype, enabled=args.amp):
             loss = sum(model(batch).values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     memory = {}
     for m in runs:  # one warm-up step each (allocates optimizer state), then memory
@@ -173,7 +179,8 @@ def main(argv=None):
         rows.append([m, f"{trainable:,}", f"{100 * trainable / total:.2f}", f"{1000 * t:.1f}", f"{t / full_t:.2f}",
                      f"{memory[m] / 2**20:.1f}", f"{memory[m] / full_m:.2f}"])
     kind = "peak allocated (cuda)" if cuda else "params+grads+optimizer+saved activations (cpu)"
-    print(f"base: {os.path.relpath(args.base, ROOT)}; batch {args.batch} x {args.size}px; device {args.device}; "
+    amp = f"; AMP ({str(amp_dtype).split('.')[-1]})" if args.amp else ""
+    print(f"base: {os.path.relpath(args.base, ROOT)}; batch {args.batch} x {args.size}px; device {args.device}{amp}; "
           f"median of {args.rounds} rounds x {args.steps} steps; memory = {kind}")
     print(tabulate(rows, headers=["config", "trainable", "%", "step ms", "step / full", "memory MiB",
                                   "memory / full"]))

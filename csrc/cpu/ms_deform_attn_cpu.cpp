@@ -1,5 +1,7 @@
 // CPU kernels of multi-scale deformable attention (float32, float64), with the optional LoRA side input z.
 //
+// The sampling arithmetic (corners, weights, derivatives, per-sample accumulation) is ms_deform_attn_sampling.h,
+// shared with the CUDA kernel; this file maps the work to CPU tasks.
 // Forward: one task per (n, q, h); each (level, point) gives up to four bilinear corners whose D value channels
 // (and R channels of z) are accumulated with weight attention * bilinear into contiguous rows.
 // Backward: one task per (n, h). A head owns the slice grad_value[n, :, h, :], so the scatter-adds need neither
@@ -11,69 +13,10 @@
 #include <cmath>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
 
 namespace peft_d2 {
 namespace {
-
-template <typename T>
-struct Corners {
-  int n = 0;
-  int64_t idx[4];  // position in S
-  T w[4];          // bilinear weight
-  T dx[4];         // d w / d x (pixel units)
-  T dy[4];         // d w / d y
-};
-
-// Corners of (loc_x, loc_y) in [0, 1] on a Hl x Wl level that starts at `start`; corners outside are dropped.
-template <typename T>
-inline void bilinear_corners(T loc_x, T loc_y, int64_t Hl, int64_t Wl, int64_t start, Corners<T>& c) {
-  c.n = 0;
-  const T x = loc_x * static_cast<T>(Wl) - T(0.5);
-  const T y = loc_y * static_cast<T>(Hl) - T(0.5);
-  // x == -1 still has a corner at 0 (weight 0, non-zero gradient); NaN fails the test and samples nothing.
-  if (!(x >= T(-1) && x < static_cast<T>(Wl) && y >= T(-1) && y < static_cast<T>(Hl))) return;
-  // floor by truncation (x, y are in [-1, size) here): no libm call on a baseline x86-64 build
-  const int64_t x0 = static_cast<int64_t>(x) - (x < T(0) && static_cast<T>(static_cast<int64_t>(x)) != x);
-  const int64_t y0 = static_cast<int64_t>(y) - (y < T(0) && static_cast<T>(static_cast<int64_t>(y)) != y);
-  const T fx = static_cast<T>(x0), fy = static_cast<T>(y0);
-  const T ax = x - fx, ay = y - fy, bx = T(1) - ax, by = T(1) - ay;
-  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < Wl, vy0 = y0 >= 0, vy1 = y0 + 1 < Hl;
-  auto add = [&](int64_t xi, int64_t yi, T w, T dx, T dy) {
-    c.idx[c.n] = start + yi * Wl + xi;
-    c.w[c.n] = w;
-    c.dx[c.n] = dx;
-    c.dy[c.n] = dy;
-    ++c.n;
-  };
-  if (vy0 && vx0) add(x0, y0, bx * by, -by, -bx);
-  if (vy0 && vx1) add(x0 + 1, y0, ax * by, by, -ax);
-  if (vy1 && vx0) add(x0, y0 + 1, bx * ay, -ay, bx);
-  if (vy1 && vx1) add(x0 + 1, y0 + 1, ax * ay, ay, ax);
-}
-
-template <typename T>
-inline void axpy(T* __restrict__ y, const T* __restrict__ x, T a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// Returns dot(v, g) and does gv += a * g in the same pass; eight partial sums let the compiler vectorise.
-template <typename T>
-inline T dot_and_axpy(T* __restrict__ gv, const T* __restrict__ v, const T* __restrict__ g, T a, int64_t n) {
-  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      acc[j] += v[i + j] * g[i + j];
-      gv[i + j] += a * g[i + j];
-    }
-  }
-  T tail = T(0);
-  for (; i < n; ++i) {
-    tail += v[i] * g[i];
-    gv[i] += a * g[i];
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 // spatial_shapes must tile S, and level_start_index must be its exclusive prefix sum (the kernels index by both).
 void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t S) {
@@ -105,7 +48,7 @@ void forward_kernel(const Dims& d, const T* value, const T* z, const int64_t* ss
   const int64_t LP = d.L * d.P, HD = d.H * d.D;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, LP));
   at::parallel_for(0, d.N * d.Q * d.H, grain, [&](int64_t begin, int64_t end) {
-    Corners<T> c;
+    msda::Corners<T> c;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = b / (d.Q * d.H), h = b % d.H;
       const T* vb = value + n * d.S * HD + h * d.D;
@@ -120,12 +63,9 @@ void forward_kernel(const Dims& d, const T* value, const T* z, const int64_t* ss
         const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
         for (int64_t p = 0; p < d.P; ++p) {
           const int64_t lp = l * d.P + p;
-          bilinear_corners(lb[2 * lp], lb[2 * lp + 1], Hl, Wl, start, c);
-          const T a = ab[lp];
-          for (int k = 0; k < c.n; ++k) {
-            axpy(o, vb + c.idx[k] * HD, a * c.w[k], d.D);
-            if (d.R) axpy(zo, zb + c.idx[k] * d.R, a * c.w[k], d.R);
-          }
+          msda::bilinear_corners(lb[2 * lp], lb[2 * lp + 1], Hl, Wl, start, c);
+          msda::accumulate_sample(c, ab[lp], vb, HD, o, d.D);
+          if (d.R) msda::accumulate_sample(c, ab[lp], zb, d.R, zo, d.R);
         }
       }
     }
@@ -138,7 +78,7 @@ void backward_kernel(const Dims& d, const T* grad_out, const T* grad_zs, const T
                      T* grad_z_heads, T* grad_loc, T* grad_attn) {
   const int64_t LP = d.L * d.P, HD = d.H * d.D, HR = d.H * d.R;
   at::parallel_for(0, d.N * d.H, 1, [&](int64_t begin, int64_t end) {
-    Corners<T> c;
+    msda::Corners<T> c;
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / d.H, h = nh % d.H;
       const T* vb = value + n * d.S * HD + h * d.D;
@@ -155,20 +95,13 @@ void backward_kernel(const Dims& d, const T* grad_out, const T* grad_zs, const T
           const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
           for (int64_t p = 0; p < d.P; ++p) {
             const int64_t lp = l * d.P + p;
-            bilinear_corners(lb[2 * lp], lb[2 * lp + 1], Hl, Wl, start, c);
+            msda::bilinear_corners(lb[2 * lp], lb[2 * lp + 1], Hl, Wl, start, c);
             const T a = ab[lp];
-            T gw = T(0), gx = T(0), gy = T(0);
-            for (int k = 0; k < c.n; ++k) {
-              const int64_t i = c.idx[k];
-              T dot = dot_and_axpy(gvb + i * HD, vb + i * HD, go, a * c.w[k], d.D);
-              if (d.R) dot += dot_and_axpy(gzb + i * HR, zb + i * d.R, gz, a * c.w[k], d.R);
-              gw += c.w[k] * dot;
-              gx += c.dx[k] * dot;
-              gy += c.dy[k] * dot;
-            }
-            grad_attn[b * LP + lp] = gw;
-            grad_loc[(b * LP + lp) * 2] = a * gx * static_cast<T>(Wl);
-            grad_loc[(b * LP + lp) * 2 + 1] = a * gy * static_cast<T>(Hl);
+            msda::SampleGrad<T> sg{T(0), T(0), T(0)};
+            msda::backprop_sample<msda::PlainAdd>(c, a, vb, HD, gvb, HD, go, d.D, sg);
+            if (d.R) msda::backprop_sample<msda::PlainAdd>(c, a, zb, d.R, gzb, HR, gz, d.R, sg);
+            T* gl = grad_loc + (b * LP + lp) * 2;
+            msda::sample_input_grads(sg, a, Hl, Wl, grad_attn[b * LP + lp], gl[0], gl[1]);
           }
         }
       }

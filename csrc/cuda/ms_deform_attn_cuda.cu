@@ -1,6 +1,9 @@
 // CUDA kernels of multi-scale deformable attention (float32, float64, float16, bfloat16), with the optional LoRA
-// side input z. One warp per (n, q, h): lanes cover the D value channels then the R channels of z, so loads of a
-// corner's row are coalesced; the geometry (corners, weights) is computed redundantly by every lane in registers.
+// side input z. The sampling arithmetic (corners, weights, derivatives, per-sample accumulation) is
+// ms_deform_attn_sampling.h, shared with the CPU kernel; what is here is the thread mapping, the warp reduction
+// and the atomics. One warp per (n, q, h): lanes cover the D value channels then the R channels of z, so loads
+// of a corner's row are coalesced; the geometry (corners, weights) is computed redundantly by every lane in
+// registers.
 // Half types accumulate in float32; sampling_locations/attention_weights may be float32 under half values (the
 // autocast policy keeps the geometry in float32). Backward scatter-adds go through atomics into float32 (or
 // float64) buffers that are cast to the input dtype at the end.
@@ -12,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
 
 namespace peft_d2 {
 namespace {
@@ -23,39 +27,18 @@ struct Dims {
   int64_t N, S, H, D, R, Q, L, P;
 };
 
-template <typename A>
-struct Corners {
-  int n;
-  int64_t idx[4];
-  A w[4];
-  A dx[4];
-  A dy[4];
+// Gradients into rows that other warps also write: the one scatter operation that differs from the CPU kernel.
+struct AtomicAdd {
+  template <typename A>
+  __device__ __forceinline__ static void add(A* p, A v) {
+    atomicAdd(p, v);
+  }
 };
 
-// Same convention as the CPU kernel: pixel centres at (i + 0.5) / size, corners outside the level dropped.
-template <typename A>
-__device__ __forceinline__ void bilinear_corners(A loc_x, A loc_y, int64_t Hl, int64_t Wl, int64_t start,
-                                                 Corners<A>& c) {
-  c.n = 0;
-  const A x = loc_x * static_cast<A>(Wl) - A(0.5);
-  const A y = loc_y * static_cast<A>(Hl) - A(0.5);
-  if (!(x >= A(-1) && x < static_cast<A>(Wl) && y >= A(-1) && y < static_cast<A>(Hl))) return;
-  const A fx = floor(x), fy = floor(y);
-  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy);
-  const A ax = x - fx, ay = y - fy, bx = A(1) - ax, by = A(1) - ay;
-  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < Wl, vy0 = y0 >= 0, vy1 = y0 + 1 < Hl;
-  if (vy0 && vx0) {
-    c.idx[c.n] = start + y0 * Wl + x0; c.w[c.n] = bx * by; c.dx[c.n] = -by; c.dy[c.n] = -bx; ++c.n;
-  }
-  if (vy0 && vx1) {
-    c.idx[c.n] = start + y0 * Wl + x0 + 1; c.w[c.n] = ax * by; c.dx[c.n] = by; c.dy[c.n] = -ax; ++c.n;
-  }
-  if (vy1 && vx0) {
-    c.idx[c.n] = start + (y0 + 1) * Wl + x0; c.w[c.n] = bx * ay; c.dx[c.n] = -ay; c.dy[c.n] = bx; ++c.n;
-  }
-  if (vy1 && vx1) {
-    c.idx[c.n] = start + (y0 + 1) * Wl + x0 + 1; c.w[c.n] = ax * ay; c.dx[c.n] = ay; c.dy[c.n] = ax; ++c.n;
-  }
+// The level's rows must lie inside S: the Python face checks spatial_shapes / level_start_index on the host, but
+// a direct call of the op (or a compiled graph, where that check is skipped) must not read or write past S.
+__device__ __forceinline__ void level_in_bounds(const Dims& d, int64_t Hl, int64_t Wl, int64_t start) {
+  CUDA_KERNEL_ASSERT(Hl > 0 && Wl > 0 && start >= 0 && start + Hl * Wl <= d.S);
 }
 
 template <typename A>
@@ -83,18 +66,18 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(Dims d, const scalar_t*
     const int64_t ch = c0 + lane;
     if (ch >= C) break;
     const bool is_v = ch < d.D;
+    // this lane's channel: a value channel of head h (rows of stride H * D) or a z channel (rows of stride R)
+    const scalar_t* rows = is_v ? vb + ch : zb + (ch - d.D);
+    const int64_t stride = is_v ? HD : d.R;
     A acc = A(0);
-    Corners<A> c;
+    msda::Corners<A> c;
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+      level_in_bounds(d, Hl, Wl, start);
       for (int64_t p = 0; p < d.P; ++p) {
         const int64_t lp = b * LP + l * d.P + p;
-        bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
-        const A a = static_cast<A>(attn[lp]);
-        for (int k = 0; k < c.n; ++k) {
-          const A v = is_v ? static_cast<A>(vb[c.idx[k] * HD + ch]) : static_cast<A>(zb[c.idx[k] * d.R + ch - d.D]);
-          acc += a * c.w[k] * v;
-        }
+        msda::bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
+        msda::accumulate_sample(c, static_cast<A>(attn[lp]), rows, stride, &acc, 1);
       }
     }
     if (is_v) {
@@ -121,35 +104,27 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(
   A* gvb = grad_value + n * d.S * HD + h * d.D;
   const scalar_t* zb = z + n * d.S * d.R;
   A* gzb = grad_z + n * d.S * d.R;
-  Corners<A> c;
+  msda::Corners<A> c;
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t Hl = ss[2 * l], Wl = ss[2 * l + 1], start = lsi[l];
+    level_in_bounds(d, Hl, Wl, start);
     for (int64_t p = 0; p < d.P; ++p) {
       const int64_t lp = b * LP + l * d.P + p;
-      bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
+      msda::bilinear_corners<A>(static_cast<A>(loc[2 * lp]), static_cast<A>(loc[2 * lp + 1]), Hl, Wl, start, c);
       const A a = static_cast<A>(attn[lp]);
-      A gw = A(0), gx = A(0), gy = A(0);
+      msda::SampleGrad<A> sg{A(0), A(0), A(0)};
       for (int64_t ch = lane; ch < C; ch += kWarp) {
-        const bool is_v = ch < d.D;
-        const A g = is_v ? static_cast<A>(grad_out[b * d.D + ch]) : static_cast<A>(grad_zs[b * d.R + ch - d.D]);
-        for (int k = 0; k < c.n; ++k) {
-          const int64_t i = c.idx[k];
-          const A v = is_v ? static_cast<A>(vb[i * HD + ch]) : static_cast<A>(zb[i * d.R + ch - d.D]);
-          const A dot = v * g;
-          gw += c.w[k] * dot;
-          gx += c.dx[k] * dot;
-          gy += c.dy[k] * dot;
-          atomicAdd(is_v ? gvb + i * HD + ch : gzb + i * d.R + ch - d.D, a * c.w[k] * g);
+        if (ch < d.D) {
+          msda::backprop_sample<AtomicAdd>(c, a, vb + ch, HD, gvb + ch, HD, grad_out + b * d.D + ch, 1, sg);
+        } else {
+          const int64_t cz = ch - d.D;
+          msda::backprop_sample<AtomicAdd>(c, a, zb + cz, d.R, gzb + cz, d.R, grad_zs + b * d.R + cz, 1, sg);
         }
       }
-      gw = warp_sum(gw);
-      gx = warp_sum(gx);
-      gy = warp_sum(gy);
-      if (lane == 0) {
-        grad_attn[lp] = gw;
-        grad_loc[2 * lp] = a * gx * static_cast<A>(Wl);
-        grad_loc[2 * lp + 1] = a * gy * static_cast<A>(Hl);
-      }
+      sg.w = warp_sum(sg.w);
+      sg.x = warp_sum(sg.x);
+      sg.y = warp_sum(sg.y);
+      if (lane == 0) msda::sample_input_grads(sg, a, Hl, Wl, grad_attn[lp], grad_loc[2 * lp], grad_loc[2 * lp + 1]);
     }
   }
 }

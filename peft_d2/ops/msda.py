@@ -1,6 +1,6 @@
 """The public face of the multi-scale deformable attention operator: checks, dtype policy, backend dispatch.
 
-Backends (DESIGN.md principle 5): `cuda` and `cpu` run the compiled kernels of peft_d2._C (torch custom ops
+Backends (docs/design.md, principle 5): `cuda` and `cpu` run the compiled kernels of peft_d2._C (torch custom ops
 `torch.ops.peft_d2.*` with fake, autograd and autocast implementations), `reference` runs grid_sample in pure
 PyTorch. The choice is automatic per device; PEFT_D2_MSDA_BACKEND=cuda|cpu|reference overrides it.
 """

@@ -84,11 +84,17 @@ class MSDeformAttn(nn.Module):
     ):
         """value_proj, then sample and mix: (N, S, d) -> (N, Q, d), before output_proj.
 
-        The one place where value_proj meets the operator: a fused LoRA x deformable-attention kernel
-        (peft_d2.ops.ms_deform_attn_lora) overrides this method; a LoRA subclass of value_proj works as is.
+        The one place where value_proj meets the operator. With a fusable LoRA on value_proj, the fused
+        operator (peft_d2.ops.ms_deform_attn_lora) runs where it is the cheaper form for this call's shape and
+        device (peft_d2.ops.choose_lora_path; PEFT_D2_MSDA_FUSED=0|1|auto overrides); otherwise value_proj's own
+        forward (LoRA included) forms the value and the plain operator samples it.
         """
         vp = self.value_proj
-        if isinstance(vp, LoRALayer) and vp.lora_fusable():
+        if (
+            isinstance(vp, LoRALayer)
+            and vp.lora_fusable()
+            and ops.use_fused_lora(sampling_locations.shape[1], input_flatten.shape[1], input_flatten.device.type)
+        ):
             # value = x W^T + b + s z B^T with z = x A^T: sample z (rank r) beside the base value in one pass
             # and apply B per head afterwards, never forming the LoRA-augmented value
             N, S, _ = input_flatten.shape
