@@ -65,6 +65,10 @@ if ! "$PY" -c "import cityscapesscripts.evaluation.evalPixelLevelSemanticLabelin
   pipq install -q --no-deps cityscapesscripts==2.3.0
   pipq install -q -c "$CON" pyquaternion==0.9.9
 fi
+# shapely: detectron2's Cityscapes instance loader rasterizes the gtFine polygons with it.
+if ! "$PY" -c "import shapely" 2>/dev/null; then
+  pipq install -q -c "$CON" shapely==2.2.0
+fi
 # torchmetrics (PanopticQuality for peft_d2.evaluation.PanopticEvaluator), with torch held at its pin.
 if ! "$PY" -c "import torchmetrics" 2>/dev/null; then
   pipq install -q -c "$CON" torchmetrics==1.9.0
