@@ -58,7 +58,7 @@ from peft_d2.engine import (  # noqa: E402
     build_optimizer,
     peft_param_groups,
 )
-from peft_d2.evaluation import PanopticEvaluator  # noqa: E402
+from peft_d2.evaluation import LVISEvaluator, PanopticEvaluator  # noqa: E402
 from peft_d2.inject import inject  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
@@ -199,8 +199,6 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -
         )
     if etype == "lvis":
         _require("lvis", "LVIS evaluation (LVISEvaluator)", "pip install lvis")
-        from detectron2.evaluation import LVISEvaluator
-
         evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
     city_inst = etype == "cityscapes_instance" or (etype == "cityscapes_panoptic_seg" and test.INSTANCE_ON)
     city_sem = etype == "cityscapes_sem_seg" or (etype == "cityscapes_panoptic_seg" and test.SEMANTIC_ON)
