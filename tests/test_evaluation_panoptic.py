@@ -145,6 +145,10 @@ def test_bad_inputs_name_the_problem(dataset, tmp_path):
     pred = torch.ones(10, 10, dtype=torch.int32) * 5
     with pytest.raises(ValueError, match=r"segment ids \[5\] appear in the image but not in segments_info"):
         ev.process([{"image_id": 11}], [{"panoptic_seg": (pred, [])}])
+    with pytest.raises(ValueError, match=r"categories \['7'\], which are not categories of dataset"):
+        ev.process([{"image_id": 11}], [{"panoptic_seg": (pred, [{"id": 5, "category_id": 7}])}])
+    with pytest.raises(ValueError, match=r"categories \['contiguous id 9'\]"):
+        ev.process([{"image_id": 11}], [{"panoptic_seg": (pred, [{"id": 5, "category_id": 9, "isthing": True}])}])
     with pytest.raises(ValueError, match="differ in size"):
         ev.process([{"image_id": 11}], [{"panoptic_seg": (torch.zeros(5, 5, dtype=torch.int32), [])}])
     DatasetCatalog.register("peft_d2_test_panoptic_nometa", lambda: [])
@@ -156,7 +160,7 @@ def test_bad_inputs_name_the_problem(dataset, tmp_path):
         MetadataCatalog.remove("peft_d2_test_panoptic_nometa")
 
 
-@pytest.mark.parametrize("etype", ["coco_panoptic_seg", "ade20k_panoptic_seg"])
+@pytest.mark.parametrize("etype", ["coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg"])
 def test_train_net_selects_it_by_evaluator_type(dataset, tmp_path, etype):
     spec = importlib.util.spec_from_file_location("peft_d2_train_net_pq", ROOT / "tools" / "train_net.py")
     train_net = importlib.util.module_from_spec(spec)

@@ -74,6 +74,7 @@ class PanopticEvaluator(DatasetEvaluator):
         self._stuff_to_dataset = {v: k for k, v in stuff_map.items()}
         self.things = sorted(meta.thing_dataset_id_to_contiguous_id)
         self.stuffs = sorted(set(stuff_map) - set(self.things))
+        self._known = set(self.things) | set(self.stuffs)
         self._metric = PanopticQuality(
             things=set(self.things), stuffs=set(self.stuffs), allow_unknown_preds_category=True,
             return_sq_and_rq=True, return_per_class=True, sync_on_compute=False,
@@ -114,11 +115,10 @@ class PanopticEvaluator(DatasetEvaluator):
         if segments_info is None:  # category * label_divisor + instance, -1 = void
             divisor = self._meta.label_divisor
             for label in np.unique(seg_ids).tolist():
-                if label == -1:
-                    continue
-                cls = label // divisor
-                table = self._thing_to_dataset if cls in self._thing_to_dataset else self._stuff_to_dataset
-                segments[label + 1] = table[cls]
+                if label != -1:
+                    cls = label // divisor
+                    table = self._thing_to_dataset if cls in self._thing_to_dataset else self._stuff_to_dataset
+                    segments[label + 1] = table.get(cls, f"contiguous id {cls}")
             seg_ids = seg_ids + 1  # void -1 -> 0
         else:
             for s in segments_info:
@@ -126,7 +126,13 @@ class PanopticEvaluator(DatasetEvaluator):
                     segments[s["id"]] = s["category_id"]
                 else:
                     table = self._thing_to_dataset if s["isthing"] else self._stuff_to_dataset
-                    segments[s["id"]] = table[s["category_id"]]
+                    segments[s["id"]] = table.get(s["category_id"], f"contiguous id {s['category_id']}")
+        unknown = sorted({str(c) for c in segments.values() if c not in self._known})
+        if unknown:
+            raise ValueError(
+                f"PanopticEvaluator: a prediction has categories {unknown}, which are not categories of dataset "
+                f"'{self._dataset}' (things {self.things}, stuff {self.stuffs})"
+            )
         return _segment_map(seg_ids, segments, f"a panoptic prediction of dataset '{self._dataset}'")
 
     # ------------------------------------------------------------------------------------------ evaluator
