@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# importing pip (its default index) into a test process where another test already imported distutils
+pytestmark = pytest.mark.filterwarnings("ignore:Setuptools is replacing distutils:UserWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "fetch_reference.py"
 
