@@ -76,6 +76,19 @@ def test_malformed_annotation_file(root, content, match):
     assert p["json_file"] in str(e.value)
 
 
+def test_lvis_v1_images_name_their_file_by_coco_url(tmp_path):
+    from peft_d2.data.checks import check_coco_json
+
+    path = tmp_path / "lvis_v1_val.json"
+    image = {"id": 1, "coco_url": "val2017/000000000001.jpg", "height": 8, "width": 8}
+    path.write_text(json.dumps({"images": [image], "annotations": [], "categories": []}))
+    check_coco_json(str(path), "lvis_v1_val")
+    del image["coco_url"]
+    path.write_text(json.dumps({"images": [image], "annotations": [], "categories": []}))
+    with pytest.raises(MalformedAnnotationError, match=r"images\[0\].*'file_name' \(or, in LVIS v1 files, 'coco_url'"):
+        check_coco_json(str(path), "lvis_v1_val")
+
+
 def test_valid_dataset_loads_after_checks(root):
     generate_split(str(root / "synthetic"), "A", "train", 3, image_size=32)
     assert len(DatasetCatalog.get("synthetic_A_train")) == 3

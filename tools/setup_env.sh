@@ -56,6 +56,23 @@ fi
 if ! "$PY" -c "import lvis" 2>/dev/null; then
   pipq install -q --no-deps lvis==0.5.3
 fi
+# Evaluation packages installed here rather than in requirements/ (which would change the venv's hash and
+# rebuild every machine's 5 GB environment): each step is skipped once the package imports.
+# cityscapesscripts (Cityscapes evaluators) without its declared `typing` backport (stdlib on Python 3) and the
+# dependencies of its downloader and 3D-box evaluation only (appdirs, coloredlogs, requests); the instance and
+# semantic evaluations import pyquaternion through its annotation helpers.
+if ! "$PY" -c "import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling" 2>/dev/null; then
+  pipq install -q --no-deps cityscapesscripts==2.3.0
+  pipq install -q -c "$CON" pyquaternion==0.9.9
+fi
+# shapely: detectron2's Cityscapes instance loader rasterizes the gtFine polygons with it.
+if ! "$PY" -c "import shapely" 2>/dev/null; then
+  pipq install -q -c "$CON" shapely==2.2.0
+fi
+# torchmetrics (PanopticQuality for peft_d2.evaluation.PanopticEvaluator), with torch held at its pin.
+if ! "$PY" -c "import torchmetrics" 2>/dev/null; then
+  pipq install -q -c "$CON" torchmetrics==1.9.0
+fi
 [[ -n "${VENV:-}" ]] && touch "$VENV/.peft_d2_ready"
 
 # The official Mask2Former code, unpacked (never installed) as the reference of the parity tests.

@@ -35,7 +35,6 @@ from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
 from detectron2.evaluation import (  # noqa: E402
     COCOEvaluator,
-    COCOPanopticEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
     verify_results,
@@ -59,6 +58,7 @@ from peft_d2.engine import (  # noqa: E402
     build_optimizer,
     peft_param_groups,
 )
+from peft_d2.evaluation import LVISEvaluator, PanopticEvaluator  # noqa: E402
 from peft_d2.inject import inject  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
@@ -186,8 +186,9 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -
             )
         )
     if etype in panoptic_types and test.PANOPTIC_ON:
-        _require("panopticapi", "Panoptic evaluation", "pip install git+https://github.com/cocodataset/panopticapi")
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        # PQ through torchmetrics instead of detectron2's COCOPanopticEvaluator (panopticapi is not on the registry)
+        _require("torchmetrics", "Panoptic evaluation (PanopticEvaluator)", "pip install torchmetrics")
+        evaluators.append(PanopticEvaluator(dataset_name, output_folder))
     if etype == "coco":
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, **coco_kwargs))
     if etype == "coco_panoptic_seg" and test.INSTANCE_ON:
@@ -198,8 +199,6 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -
         )
     if etype == "lvis":
         _require("lvis", "LVIS evaluation (LVISEvaluator)", "pip install lvis")
-        from detectron2.evaluation import LVISEvaluator
-
         evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
     city_inst = etype == "cityscapes_instance" or (etype == "cityscapes_panoptic_seg" and test.INSTANCE_ON)
     city_sem = etype == "cityscapes_sem_seg" or (etype == "cityscapes_panoptic_seg" and test.SEMANTIC_ON)

@@ -76,16 +76,18 @@ def _require_keys(data: dict, keys: Iterable[str], path: str, dataset: str, what
 def check_coco_json(path: str, dataset: str, require_annotations: bool = True) -> None:
     """A COCO instance file: an object with lists 'images', 'annotations', 'categories'.
 
-    Each image needs 'id' and 'file_name'; each annotation 'image_id' and 'category_id'.
+    Each image needs 'id' and 'file_name' (LVIS v1: 'coco_url', from which detectron2 takes the file name); each
+    annotation 'image_id' and 'category_id'.
     """
     what = "COCO-format instance annotation file"
     data = _load_json(path, dataset, what)
     keys = ["images", "annotations", "categories"] if require_annotations else ["images", "categories"]
     _require_keys(data, keys, path, dataset, what)
     for i, img in enumerate(data["images"][:1000]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+        if not isinstance(img, dict) or "id" not in img or ("file_name" not in img and "coco_url" not in img):
             raise MalformedAnnotationError(
-                f"Dataset '{dataset}': {what} '{path}': images[{i}] must be an object with 'id' and 'file_name'."
+                f"Dataset '{dataset}': {what} '{path}': images[{i}] must be an object with 'id' and 'file_name' "
+                "(or, in LVIS v1 files, 'coco_url')."
             )
     for i, ann in enumerate(data.get("annotations", [])[:1000]):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
