@@ -8,7 +8,7 @@ demo:
 	@PY=$$(bash tools/setup_env.sh) && $$PY tools/demo.py $(ARGS)
 
 test:
-	@PY=$$(bash tools/setup_env.sh) && $$PY -m ruff check peft_d2 tools tests setup.py && $$PY -m pytest -n 2 $(ARGS)
+	@PY=$$(bash tools/setup_env.sh) && $$PY -m ruff check peft_d2 tools tests configs setup.py && $$PY -m pytest -n 2 $(ARGS)
 
 lint:
-	@PY=$$(bash tools/setup_env.sh) && $$PY -m ruff check peft_d2 tools tests setup.py
+	@PY=$$(bash tools/setup_env.sh) && $$PY -m ruff check peft_d2 tools tests configs setup.py

@@ -45,6 +45,10 @@ def _sdist() -> bytes:
     return buf.getvalue()
 
 
+# the sdist two folders up from simple/maskformer2/, spelled by parts
+RELATIVE_SDIST = "/".join(["..", "..", "files", "maskformer2-0.1.tar.gz"])
+
+
 def _index(root: Path, data: bytes | None) -> str:
     """A PEP 503 index folder; with `data`, maskformer2's page links the sdist by a relative URL, as pip's are."""
     (root / "simple").mkdir(parents=True)
@@ -53,8 +57,7 @@ def _index(root: Path, data: bytes | None) -> str:
         (root / "files" / "maskformer2-0.1.tar.gz").write_bytes(data)
         (root / "simple" / "maskformer2").mkdir()
         (root / "simple" / "maskformer2" / "index.html").write_text(
-            '<html><body><a href="../../files/maskformer2-0.1.tar.gz#sha256=00">maskformer2-0.1.tar.gz</a>'
-            "</body></html>"
+            f'<html><body><a href="{RELATIVE_SDIST}#sha256=00">maskformer2-0.1.tar.gz</a></body></html>'
         )
     return (root / "simple").as_uri()
 

@@ -311,8 +311,8 @@ def test_fused_env_var_bad_value_names_the_variable(monkeypatch, raw):
 
 def _lora_msdeformattn(Q, levels=((8, 8), (4, 4)), d_model=64, heads=4, points=2):
     from peft_d2 import LoRAConfig
-    from peft_d2.inject import add_lora
     from peft_d2.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
+    from peft_d2.tuners.lora import add_lora
 
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model, len(levels), heads, points).double()
