@@ -228,6 +228,11 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     assert {r["method"] for r in res["rows"]} == {"full_finetune", "lora_backbone"}
     for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png", "base_A_val.png"):
         assert (out / name).stat().st_size > 0
+    # the last step: one method here, so its two seeds' adapter files are served from one base in one batch
+    served = res["served"]
+    assert served["adapters"] == ["lora_backbone (seed 0)", "lora_backbone (seed 1)"] and served["images"] == 4
+    assert served["equal"] and served["mask_pixels"] > 0 and "predictions equal each file's own model" in text
+    assert served["adapters_apart"] > 1e-3  # the two files predict differently: a mix-up would be seen
 
 
 def test_progress_line_waits_for_the_first_logged_iteration(tmp_path, capsys):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from peft_d2.checkpoint import read_adapter
+from peft_d2.errors import PeftConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -59,7 +60,7 @@ def env(tmp_path_factory):
 def train(train_net, method, out_dir, *extra, opts=()):
     argv = ["--config-file", str(PEFT_DIR / f"{method}.yaml"), "--num-gpus", "1", *extra,
             "OUTPUT_DIR", str(out_dir), *OPTS, *opts]
-    return train_net.main(train_net.default_argument_parser().parse_args(argv))
+    return train_net.main(train_net.argument_parser().parse_args(argv))
 
 
 def metrics(out_dir):
@@ -100,6 +101,90 @@ def test_resume_and_eval_only_from_adapter(env, tmp_path):
     assert again["segm"]["AP"] == pytest.approx(results["segm"]["AP"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_eval_only_serves_several_adapters_from_one_base(env, tmp_path):
+    """--adapter NAME=FILE (repeated): one base, every adapter evaluated on its dataset in one process, with the
+    results of evaluating each adapter file alone."""
+    train_net, _ = env
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(PEFT_DIR / "lora_backbone.yaml"), "OUTPUT_DIR", str(tmp_path / "base"), *OPTS])
+    torch.manual_seed(0)
+    base = train_net.build_base_model(train_net.setup(args))
+    torch.save({"model": base.state_dict()}, tmp_path / "base.pth")
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "base.pth")]
+    files, alone = {}, {}
+    for name, method in (("lora", "lora_backbone"), ("adapters", "adapters_1")):
+        train(train_net, method, tmp_path / name, opts=[*weights, "SOLVER.MAX_ITER", "4", "SOLVER.BASE_LR", "0.01"])
+        files[name] = str(tmp_path / name / "adapter_final.safetensors")
+        alone[name] = train(train_net, method, tmp_path / f"{name}_eval", "--eval-only",
+                            opts=[*weights, "MODEL.PEFT.WEIGHTS", files[name]])
+    flags = [x for name, f in files.items() for x in ("--adapter", f"{name}={f}")]
+    served = train(train_net, "lora_backbone", tmp_path / "served", "--eval-only", *flags, opts=weights)
+    assert set(served) == {"lora", "adapters"}
+    for name in files:
+        assert set(served[name]) == {"synthetic_B_val"}
+        got, want = served[name]["synthetic_B_val"], alone[name]
+        assert got.keys() == want.keys()
+        for task in want:
+            for metric, value in want[task].items():
+                assert got[task][metric] == pytest.approx(value, abs=1e-6, nan_ok=True), (name, task, metric)
+    # the metrics of a barely trained model are all 0: compare what each evaluator saw, its predictions
+    preds = {k: _predictions(tmp_path / k / "inference") for k in ("lora_eval", "adapters_eval")}
+    assert not _same_predictions(preds["lora_eval"], preds["adapters_eval"])  # serving the wrong one is seen
+    for name in files:
+        assert _same_predictions(_predictions(tmp_path / "served" / name / "inference"), preds[f"{name}_eval"])
+
+
+def _predictions(folder):
+    """COCOEvaluator's saved predictions: image id -> [(category, score, mask RLE)], by category and score."""
+    out = {}
+    for p in torch.load(folder / "instances_predictions.pth", weights_only=False):
+        rows = [(x["category_id"], x["score"], x["segmentation"]["counts"]) for x in p["instances"]]
+        out[p["image_id"]] = sorted(rows, key=lambda r: r[:2])
+    return out
+
+
+def _same_predictions(a, b, tol=1e-5):
+    if a.keys() != b.keys():
+        return False
+    for image in a:
+        if len(a[image]) != len(b[image]):
+            return False
+        for (ca, sa, ma), (cb, sb, mb) in zip(a[image], b[image]):
+            if ca != cb or abs(sa - sb) > tol or ma != mb:
+                return False
+    return True
+
+
+def test_eval_only_adapter_flag_errors(env, tmp_path):
+    train_net, _ = env
+    cfg = train_net.setup(train_net.argument_parser().parse_args(
+        ["--config-file", str(PEFT_DIR / "lora_backbone.yaml"), "OUTPUT_DIR", str(tmp_path), *OPTS]))
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(PeftConfigError, match=r"expected NAME=FILE, got '/.*/a\.safetensors'"):
+        train_net.adapter_pairs(cfg, [str(f)])
+    with pytest.raises(PeftConfigError, match="no such adapter file"):
+        train_net.adapter_pairs(cfg, [f"a={tmp_path / 'missing.safetensors'}"])
+    with pytest.raises(PeftConfigError, match=r"repeated names in \['a', 'a'\]"):
+        train_net.adapter_pairs(cfg, [f"a={f}", f"a={f}"])
+    two = cfg.clone()
+    two.defrost()
+    two.DATASETS.TEST = ("x", "y", "z")
+    with pytest.raises(PeftConfigError, match="2 adapters but DATASETS.TEST has 3 datasets"):
+        train_net.adapter_pairs(two, [f"a={f}", f"b={f}"])
+    pairs = train_net.adapter_pairs(cfg, [f"a={f}", f"b={f}"])  # one dataset: every adapter on it
+    assert pairs == [("a", str(f), "synthetic_B_val"), ("b", str(f), "synthetic_B_val")]
+    two.DATASETS.TEST = ("synthetic_B_val",)
+    two.MODEL.PEFT.WEIGHTS = str(f)
+    with pytest.raises(PeftConfigError, match="leave MODEL.PEFT.WEIGHTS empty"):
+        train_net.adapter_pairs(two, [f"a={f}"])
+    argv = ["--config-file", str(PEFT_DIR / "lora_backbone.yaml"), "--adapter", f"a={f}", "OUTPUT_DIR",
+            str(tmp_path), *OPTS]
+    with pytest.raises(PeftConfigError, match="needs --eval-only"):
+        train_net.main(train_net.argument_parser().parse_args(argv))
+
+
 DRIVER = """
 import sys, torch
 sys.path.insert(0, {tools!r})
@@ -108,7 +193,7 @@ from detectron2.engine import launch
 from detectron2.utils import comm
 
 def worker(argv, out):
-    args = train_net.default_argument_parser().parse_args(argv)
+    args = train_net.argument_parser().parse_args(argv)
     cfg = train_net.setup(args)
     train_net.patch_cpu_ddp()
     trainer = train_net.Trainer(cfg)

@@ -20,7 +20,9 @@
    (peft_d2/study.py; the full benchmark is tools/benchmark_peft.py);
 5. writes <output>/results.{json,md}, ap_vs_params.png (AP against trainable %, with the intervals) and
    predictions.png (the same B test images predicted by the base, full fine-tuning and the best PEFT method) and
-   base_A_val.png (the base on A val images: what it learnt).
+   base_A_val.png (the base on A val images: what it learnt);
+6. serves the B adapter files of two methods (lora_backbone and adapters_1 by default) from one base in one
+   batch, images alternating between them, and prints whether the predictions equal each file's own model.
 """
 
 from __future__ import annotations
@@ -453,70 +455,150 @@ def _panel(title, model, dicts, meta):
     return np.concatenate([header, col], axis=0)
 
 
+def _config(plan, path):
+    import torch
+
+    from peft_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(plan.extra)
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def _first_run(plan, results, method, rank=0):
+    """The run directory of `method`'s run of the rank-th lowest seed."""
+    run = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])[rank]
+    return plan.run_dir(method, run["seed"], run["lr_scale"], run["split"]), run["seed"]
+
+
+def _load(plan, results, method, rank=0):
+    """A model to predict with: "base" (the A-trained model) or `method`'s fine-tuned model (the lowest seed's
+    run by default). Returns (model, the dataset name whose metadata its classes follow)."""
+    from detectron2.modeling import build_model
+
+    from peft_d2.build import build_base_model
+    from peft_d2.checkpoint import inject_from_checkpoint
+    from peft_d2.engine import PeftCheckpointer
+
+    if method == "base":
+        model = build_model(_config(plan, PRETRAIN_CONFIG))
+        PeftCheckpointer(model).load(plan.base_weights)
+        return model, "synthetic_A_train"
+    run_dir, _ = _first_run(plan, results, method, rank)
+    cfg = _config(plan, os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
+    if cfg.MODEL.META_ARCHITECTURE == "PEFT":
+        model = build_base_model(cfg)
+        PeftCheckpointer(model).load(plan.base_weights)
+        inject_from_checkpoint(model, os.path.join(run_dir, "adapter_final.safetensors"))
+    else:
+        model = build_model(cfg)
+        PeftCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
+    return model, "synthetic_B_test"
+
+
+def _register(plan):
+    from peft_d2.data import register_all_datasets
+
+    os.environ["DETECTRON2_DATASETS"] = plan.data_root
+    register_all_datasets()
+
+
 def predictions_png(plan, results, rows, path, num_images=3):
     """The same B test images: ground truth, the base (its A classes), full fine-tuning and the best PEFT
     method (highest mean test AP), each run of the lowest seed; and beside it base_A_val.png, the base's
     predictions on A val images (the domain it was trained on)."""
     import numpy as np
-    import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.modeling import build_model
     from PIL import Image
 
     import peft_d2.modeling  # noqa: F401
     from peft_d2 import study
-    from peft_d2.build import build_base_model
-    from peft_d2.checkpoint import inject_from_checkpoint
-    from peft_d2.config import get_cfg
-    from peft_d2.data import register_all_datasets
-    from peft_d2.engine import PeftCheckpointer
 
-    os.environ["DETECTRON2_DATASETS"] = plan.data_root
-    register_all_datasets()
+    _register(plan)
     peft_rows = [r for r in rows if r["method"] not in study.BASELINES]
     if "full_finetune" not in {r["method"] for r in rows} or not peft_rows:
         return None
     best = max(peft_rows, key=lambda r: r["AP"].mean)["method"]
-
-    def config(path):
-        cfg = get_cfg()
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(plan.extra)
-        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-        return cfg
-
-    def load(method):
-        if method == "base":
-            model = build_model(config(PRETRAIN_CONFIG))
-            PeftCheckpointer(model).load(plan.base_weights)
-            return model, "synthetic_A_train"
-        run = min((r for r in results if r["method"] == method), key=lambda r: r["seed"])
-        run_dir = plan.run_dir(method, run["seed"], run["lr_scale"], run["split"])
-        cfg = config(os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
-        adapter = os.path.join(run_dir, "adapter_final.safetensors")
-        if cfg.MODEL.META_ARCHITECTURE == "PEFT":
-            model = build_base_model(cfg)
-            PeftCheckpointer(model).load(plan.base_weights)
-            inject_from_checkpoint(model, adapter)
-        else:
-            model = build_model(cfg)
-            PeftCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
-        return model, "synthetic_B_test"
-
     dicts = DatasetCatalog.get("synthetic_B_test")[:num_images]
     columns = [("ground truth", None), ("base (trained on A)", "base"), ("full fine-tuning", "full_finetune"),
                (f"best PEFT: {best}", best)]
     panels = []
     for title, method in columns:
-        model, meta_name = load(method) if method else (None, "synthetic_B_test")
+        model, meta_name = _load(plan, results, method) if method else (None, "synthetic_B_test")
         panels.append(_panel(title, model, dicts, MetadataCatalog.get(meta_name)))
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-    base, _ = load("base")
+    base, _ = _load(plan, results, "base")
     a_val = DatasetCatalog.get("synthetic_A_val")[:num_images]
     meta = MetadataCatalog.get("synthetic_A_val")
     panels = [_panel("ground truth (A val)", None, a_val, meta), _panel("base (trained on A)", base, a_val, meta)]
     Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(os.path.dirname(path), "base_A_val.png"))
     return best
+
+
+def serve_adapters(plan, results, num_images=4):
+    """The last step: the B adapter files of two methods (or, with one servable method, of its two lowest seeds)
+    served from one base in one batch (peft_d2.load_adapters), images alternating between them, against each
+    file's own single-adapter model. Returns a dict of what was compared, or None when fewer than two adapter
+    files can be served (peft_d2.multi.ROUTABLE_METHODS)."""
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetCatalog
+    from PIL import Image
+
+    import peft_d2
+    import peft_d2.modeling  # noqa: F401
+    from peft_d2.build import build_base_model
+    from peft_d2.engine import PeftCheckpointer
+    from peft_d2.multi import ROUTABLE_METHODS
+
+    _register(plan)
+    servable = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        cfg = _config(plan, os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
+        if cfg.MODEL.META_ARCHITECTURE == "PEFT" and set(cfg.MODEL.PEFT.METHODS) <= set(ROUTABLE_METHODS):
+            servable.append(method)
+    seeds = {m: len({r["seed"] for r in results if r["method"] == m}) for m in servable}
+    if len(servable) >= 2:
+        chosen = [(servable[0], 0), (servable[1], 0)]
+    elif servable and seeds[servable[0]] >= 2:
+        chosen = [(servable[0], 0), (servable[0], 1)]
+    else:
+        return None
+    files = {}
+    for method, rank in chosen:
+        run_dir, seed = _first_run(plan, results, method, rank)
+        files[f"{method} (seed {seed})"] = os.path.join(run_dir, "adapter_final.safetensors")
+    names = list(files)
+    model = build_base_model(_config(plan, os.path.join(METHOD_CONFIGS, f"{chosen[0][0]}.yaml")))
+    PeftCheckpointer(model).load(plan.base_weights)
+    peft_d2.load_adapters(model, files)
+    model.eval()
+    batch = []
+    for d in DatasetCatalog.get("synthetic_B_test")[:num_images]:
+        img = torch.as_tensor(np.asarray(Image.open(d["file_name"]).convert("RGB")).transpose(2, 0, 1).copy())
+        batch.append({"image": img, "height": img.shape[1], "width": img.shape[2]})
+    routing = [names[i % 2] for i in range(len(batch))]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        mixed = model([dict(x, adapter=a) for x, a in zip(batch, routing)])
+        seconds = time.perf_counter() - t0
+        single = {}
+        for name, (method, rank) in zip(names, chosen):
+            alone, _ = _load(plan, results, method, rank)
+            single[name] = [r["instances"] for r in alone.eval()(batch)]
+    score_diff, pixels, differ = 0.0, 0, 0
+    for i, name in enumerate(routing):
+        g, w = mixed[i]["instances"], single[name][i]
+        score_diff = max(score_diff, (g.scores - w.scores).abs().max().item())
+        differ += int((g.pred_classes != w.pred_classes).sum()) + int((g.pred_masks != w.pred_masks).sum())
+        pixels += w.pred_masks.numel()
+    # how far apart the two files' own predictions are: what a mix-up of adapters would show
+    apart = max((a.scores - b.scores).abs().max().item() for a, b in zip(*single.values()))
+    return {"adapters": names, "images": len(batch), "seconds": seconds, "max_score_diff": score_diff,
+            "mask_pixels": pixels, "differing": differ, "equal": score_diff <= 1e-5 and differ == 0,
+            "adapters_apart": apart}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -584,10 +666,24 @@ def main(argv=None):
             best = predictions_png(plan, results, rows, os.path.join(out, "predictions.png"))
         finally:
             logging.disable(logging.NOTSET)
+    with open(os.path.join(out, "predictions.log"), "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        logging.disable(logging.WARNING)
+        try:
+            served = serve_adapters(plan, results)
+        finally:
+            logging.disable(logging.NOTSET)
+    if served:
+        print(f"\nserving: one base, one batch of {served['images']} B test images alternating between the adapter "
+              f"files of {' and '.join(served['adapters'])} ({served['seconds']:.1f} s): predictions "
+              + ("equal" if served["equal"] else "DIFFER FROM")
+              + f" each file's own model (max |score difference| {served['max_score_diff']:.1e}, "
+              f"{served['differing']} of {served['mask_pixels']} mask pixels and classes differ; the two files' own "
+              f"predictions differ by up to {served['adapters_apart']:.2f} in score)", flush=True)
     print("\nwrote results.json, results.md, ap_vs_params.png"
           + (f", predictions.png (base, full fine-tuning, {best}), base_A_val.png" if best else "")
           + f" in {out}; done in {(time.perf_counter() - t0) / 60:.1f} min")
-    return {"base": base, "rows": rows, "checks": checks, "verdicts": verdicts}
+    return {"base": base, "rows": rows, "checks": checks, "verdicts": verdicts, "served": served}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
         --num-gpus 0 OUTPUT_DIR output/synthetic_A
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/synthetic_A/model_final.pth
     python tools/train_net.py --config-file ... --resume            # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file ... --eval-only --adapter cells=cells.safetensors \
+        --adapter roads=roads.safetensors MODEL.WEIGHTS base.pth DATASETS.TEST '("cells_val", "roads_val")'
+        # several adapter files on one base in one process: adapter i on test dataset i (or all on one)
 
 The training mapper comes from INPUT.DATASET_MAPPER_NAME (peft_d2.data.MAPPERS), the evaluators from the test
 dataset's metadata `evaluator_type`. The optimizer is built here (`build_optimizer_from_trainable`): AdamW or SGD
@@ -58,8 +61,10 @@ from peft_d2.engine import (  # noqa: E402
     build_optimizer,
     peft_param_groups,
 )
+from peft_d2.errors import PeftConfigError  # noqa: E402
 from peft_d2.evaluation import LVISEvaluator, PanopticEvaluator  # noqa: E402
 from peft_d2.inject import inject  # noqa: E402
+from peft_d2.multi import load_adapters, set_adapter  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
 # Functions that add config keys to detectron2's defaults, applied in order by `setup`: DeepLab's (the
@@ -373,10 +378,65 @@ def setup(args):
     return cfg
 
 
+def adapter_pairs(cfg, adapters: list[str]) -> list[tuple[str, str, str]]:
+    """`--adapter NAME=FILE`, repeated, against DATASETS.TEST: (name, file, dataset) for adapter i on dataset i, or
+    every adapter on the one dataset."""
+    named = []
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PeftConfigError(f"--adapter: expected NAME=FILE, got {item!r}")
+        if not os.path.isfile(path):
+            raise PeftConfigError(f"--adapter {item}: no such adapter file")
+        named.append((name, path))
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise PeftConfigError(f"--adapter: repeated names in {names}")
+    datasets = list(cfg.DATASETS.TEST)
+    if len(datasets) == 1:
+        datasets = datasets * len(named)
+    if len(datasets) != len(named):
+        raise PeftConfigError(f"--adapter: {len(named)} adapters but DATASETS.TEST has {len(cfg.DATASETS.TEST)} "
+                              "datasets; give one dataset per adapter (adapter i on dataset i) or a single one")
+    if cfg.MODEL.PEFT.WEIGHTS:
+        raise PeftConfigError("--adapter serves adapter files on the plain base: leave MODEL.PEFT.WEIGHTS empty")
+    if cfg.MODEL.BACKBONE.NAME == "PEFTBackbone":
+        raise PeftConfigError("--adapter needs the base model: use a MODEL.META_ARCHITECTURE 'PEFT' config "
+                              "(or the base's own config), not MODEL.BACKBONE.NAME 'PEFTBackbone'")
+    return [(n, p, d) for (n, p), d in zip(named, datasets)]
+
+
+def evaluate_adapters(cfg, adapters: list[str]) -> dict:
+    """Evaluate several adapter files of one base in one process: the base (MODEL.WEIGHTS) is built and loaded
+    once, the files are served from it (peft_d2.load_adapters) and each is evaluated on its dataset.
+    Returns {adapter name: {dataset: results}}; the evaluators write under OUTPUT_DIR/<adapter name>/."""
+    pairs = adapter_pairs(cfg, adapters)
+    model = build_base_model(cfg) if cfg.MODEL.META_ARCHITECTURE == "PEFT" else build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+    load_adapters(model, {n: p for n, p, _ in pairs})
+    model.eval()
+    results = {}
+    for name, _, dataset in pairs:
+        one = cfg.clone()
+        one.defrost()
+        one.DATASETS.TEST = (dataset,)
+        one.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, name)
+        set_adapter(model, name)
+        try:
+            results.setdefault(name, {})[dataset] = Trainer.test(one, model)
+        finally:
+            set_adapter(model, None)
+    return results
+
+
 def main(args):
     cfg = setup(args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
         patch_cpu_ddp()
+    if getattr(args, "adapters", None):
+        if not args.eval_only:
+            raise PeftConfigError("--adapter serves trained adapter files: it needs --eval-only")
+        return evaluate_adapters(cfg, args.adapters)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         if is_peft(cfg):
@@ -394,8 +454,17 @@ def main(args):
     return getattr(trainer, "_last_eval_results", None)
 
 
+def argument_parser():
+    """detectron2's flags, plus --adapter (repeatable) for evaluating several adapter files on one base."""
+    parser = default_argument_parser()
+    parser.add_argument("--adapter", action="append", dest="adapters", metavar="NAME=FILE",
+                        help="repeatable; with --eval-only: serve these adapter files from the base MODEL.WEIGHTS in "
+                        "one process and evaluate the i-th on DATASETS.TEST[i] (or every one on the single dataset)")
+    return parser
+
+
 def run(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     logging.getLogger("peft_d2").info(f"Command line arguments: {args}")
     return launch(
         main,
@@ -410,7 +479,9 @@ def run(argv=None):
 __all__ = [
     "CONFIG_FUNCTIONS",
     "Trainer",
+    "argument_parser",
     "build_evaluators",
+    "evaluate_adapters",
     "build_optimizer_from_trainable",
     "main",
     "optimizer_param_groups",
