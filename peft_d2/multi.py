@@ -17,8 +17,9 @@ base pass plus each adapter's own small computations.
 
 Which rows belong to which image: inside transformer blocks and MSDeformAttn modules tensors are batch-major
 with the rows of one image contiguous (Swin windows included); nn.MultiheadAttention says so through
-`batch_first`; any other routed site must have the batch as its first dimension (checked on every call: an
-ambiguous shape is an error, never a silent mix). Methods whose computation cannot be routed this way are
+`batch_first`; in Mask2Former's predictor the decoder layers are (queries, batch, C) and the class and mask
+heads (batch, queries, C); any other routed site must have the batch as its first dimension (checked on every
+call: an ambiguous shape is an error, never a silent mix). Methods whose computation cannot be routed this way are
 refused when loading: prefix tuning, MoPEFT gates and SFA's internal weights (say which).
 """
 
@@ -180,12 +181,25 @@ def _shared_copy(model, own: set):
 def _batch_dims(model):
     """Module path -> batch dimension, for modules whose layout is known (see the module docstring)."""
     dims = {}
-    known = [p for p, m in model.named_modules() if sites.is_transformer_block(m) or sites.is_ms_deform_attn(m)]
+    batch_first = [p for p, m in model.named_modules() if sites.is_transformer_block(m) or sites.is_ms_deform_attn(m)]
+    sequence_first = []
+    for path, m in model.named_modules():  # Mask2Former's predictor: (Q, N, C) layers, (N, Q, C) prediction heads
+        if all(hasattr(m, a) for a in ("class_embed", "mask_embed", "transformer_ffn_layers")):
+            prefix = f"{path}." if path else ""
+            batch_first += [prefix + "class_embed", prefix + "mask_embed"]
+            sequence_first += [prefix + a for a in ("transformer_self_attention_layers",
+                                                    "transformer_cross_attention_layers", "transformer_ffn_layers")]
+
+    def under(path, roots):
+        return any(path == r or path.startswith(r + ".") for r in roots)
+
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             dims[path] = 0 if m.batch_first else 1
-        elif any(path == k or path.startswith(k + ".") for k in known):
+        elif under(path, batch_first):
             dims[path] = 0
+        elif under(path, sequence_first):
+            dims[path] = 1
     return dims
 
 

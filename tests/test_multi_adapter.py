@@ -102,6 +102,36 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
     assert not torch.allclose(singles["lora"][2], base[2], **TOL)
 
 
+def test_mask2former_batch_as_large_as_the_queries_and_lora_on_decoder_ffn(tmp_path):
+    """N images = Q queries: the shapes alone cannot tell batch from queries, the predictor's layouts do
+    ((Q, N, C) decoder layers, (N, Q, C) class and mask heads)."""
+    queries = {"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": "4"}
+    configs = {
+        "ffn": {**queries, "MODEL.PEFT.METHODS": ["lora"],
+                "MODEL.PEFT.LORA.TARGETS": ["sem_seg_head.predictor.transformer_ffn_layers.*.linear1"]},
+        "qkv": {**queries, "MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["backbone.layers.*.attn.qkv"]},
+    }
+    batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48), (48, 48)))
+    singles, paths = {}, {}
+    for i, (name, opts) in enumerate(configs.items()):
+        model = trained(build(peft_cfg(**opts)), 20 + i)
+        paths[name] = ckpt.save_adapter(model, str(tmp_path / f"{name}.safetensors"))
+        with torch.no_grad():
+            singles[name] = [r["sem_seg"] for r in model(batch)]
+    base_cfg_4 = base_cfg()
+    base_cfg_4.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 4
+    serve = build(base_cfg_4)
+    with torch.no_grad():
+        base = [r["sem_seg"] for r in serve(batch)]
+        peft_d2.load_adapters(serve, paths)
+        routing = ["ffn", "qkv", None, "ffn"]
+        mixed = [r["sem_seg"] for r in serve([dict(d, adapter=a) for d, a in zip(batch, routing)])]
+    for i, name in enumerate(routing):
+        want = base[i] if name is None else singles[name][i]
+        torch.testing.assert_close(mixed[i], want, **TOL)
+    assert not torch.allclose(singles["ffn"][0], base[0], **TOL)
+
+
 def test_refusals_leave_the_model_unchanged(swin_files, tmp_path):
     _, paths = swin_files
     prefix = tiny_swin()
