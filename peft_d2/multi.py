@@ -19,8 +19,13 @@ Which rows belong to which image: inside transformer blocks and MSDeformAttn mod
 with the rows of one image contiguous (Swin windows included); nn.MultiheadAttention says so through
 `batch_first`; in Mask2Former's predictor the decoder layers are (queries, batch, C) and the class and mask
 heads (batch, queries, C); any other routed site must have the batch as its first dimension (checked on every
-call: an ambiguous shape is an error, never a silent mix). Methods whose computation cannot be routed this way are
-refused when loading: prefix tuning, MoPEFT gates and SFA's internal weights (say which).
+call: an ambiguous shape is an error, never a silent mix).
+
+Prefix tuning changes the attention's key length, so an attention layer that holds prefixes runs once per
+group of images that share a prefix (or have none: the base computation), each group with the route narrowed
+to its images, and the outputs are put back in batch order (attention weights, when asked for, are returned
+only when the batch was one group). MoPEFT gates and SFA's internal weights are refused when loading (the
+error says why).
 """
 
 import contextlib
@@ -37,12 +42,12 @@ from .errors import PeftCheckpointError, PeftConfigError
 from .inject import peft_parameter_names
 from .tuners.adapter import _parallel_adapter_hook, _sequential_adapter_hook
 from .tuners.lora import LoRALayer
+from .tuners.prefix import _FORWARDS, attention_kind
 
 _ROUTE = contextvars.ContextVar("peft_d2_route", default=None)  # (N,) long tensor of adapter slots, -1: base
-ROUTABLE_METHODS = ("lora", "adapter", "cobot")
+ROUTABLE_METHODS = ("lora", "adapter", "cobot", "prefix")
 HOOKS = {_sequential_adapter_hook: ("adapter", "adapter"), _parallel_adapter_hook: ("parallel", "parallel_adapter")}
 REFUSED = {
-    "prefix": "prefix keys and values change the attention's key length per image",
     "mopeft": "MoPEFT gates are read by modules of every adapter at once",
     "sfa": "SFA changes base weights entry by entry (its internal adapters)",
 }
@@ -163,6 +168,66 @@ def _mha_rows(mha, args, kwargs, images, rows, in_proj_weight):
     return out.transpose(0, 1) if mha.batch_first else out
 
 
+def _routed_prefix_forward(self, *args, **kwargs):
+    """The attention of a serving model whose adapters hold prefixes here: each group of images (one adapter's
+    prefix, or none) runs its own computation (prefix.py's forward, or the module's own) with the route
+    narrowed to its images."""
+    own = type(self).__mro__[1].forward
+    route = _ROUTE.get()
+    if route is None:
+        return own(self, *args, **kwargs)
+    slots, names = route
+    keys = [names[s] if s >= 0 and names[s] in self.peft_prefixes else None for s in slots.tolist()]
+    groups = {k: torch.tensor([i for i, x in enumerate(keys) if x == k], dtype=torch.long) for k in dict.fromkeys(keys)}
+
+    def run(key, a, kw):
+        if key is None:
+            return own(self, *a, **kw)
+        object.__setattr__(self, "prefix", self.peft_prefixes[key])
+        try:
+            return _FORWARDS[self.peft_prefix_kind](self, *a, **kw)
+        finally:
+            del self.__dict__["prefix"]
+
+    if len(groups) == 1:
+        return run(keys[0], args, kwargs)
+    bound = _bind_attention(self, args, kwargs)
+    first, dim = (bound["query"], 0 if self.batch_first else 1) if self.peft_prefix_kind == "mha" else (bound["x"], 0)
+    out, weights = None, None
+    for key, images in groups.items():
+        rows = _rows(images, first.shape[dim], len(slots), first.device)
+        token = _ROUTE.set((slots[images], names))
+        try:
+            part = run(key, (), _select_attention_inputs(self, bound, images, rows, dim))
+        finally:
+            _ROUTE.reset(token)
+        if isinstance(part, tuple):  # nn.MultiheadAttention: (output, weights); weights differ in key length
+            part = part[0]
+        out = part.new_empty(first.shape[:dim] + (first.shape[dim],) + part.shape[dim + 1 :]) if out is None else out
+        out.index_copy_(dim, rows.to(out.device), part)
+    return (out, weights) if self.peft_prefix_kind == "mha" else out
+
+
+def _bind_attention(module, args, kwargs):
+    names = {"mha": ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                     "average_attn_weights", "is_causal"), "window": ("x", "mask"), "vit": ("x",)}
+    return {**dict(zip(names[module.peft_prefix_kind], args)), **kwargs}
+
+
+def _select_attention_inputs(module, bound, images, rows, dim):
+    """The keyword inputs of one group of images: their rows of every batched input."""
+    if module.peft_prefix_kind != "mha":  # x: (B, H, W, C) or (B * windows, N, C); the window mask is per window
+        return {**bound, "x": bound["x"].index_select(0, rows)}
+    picked = {**bound, **{n: bound[n].index_select(dim, rows) for n in ("query", "key", "value")}}
+    if bound.get("key_padding_mask") is not None:
+        picked["key_padding_mask"] = bound["key_padding_mask"].index_select(0, rows)
+    mask = bound.get("attn_mask")
+    if mask is not None and mask.dim() == 3:  # (N * heads, L, S)
+        h = module.num_heads
+        picked["attn_mask"] = mask.index_select(0, (rows[:, None] * h + torch.arange(h, device=rows.device)).flatten())
+    return picked
+
+
 def _bind_mha(args, kwargs):
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
     return {**dict(zip(names, args)), **kwargs}
@@ -229,6 +294,11 @@ def load_adapters(model: nn.Module, paths: dict) -> dict:
         peft = peft_parameter_names(view)
         ops = []
         for p, m in view.named_modules():
+            if getattr(type(m), "peft_prefix", False):
+                if isinstance(m, LoRALayer):
+                    raise PeftCheckpointError(f"adapter {name!r} ({path}) has a prefix and LoRA on the attention "
+                                              f"'{p}': they cannot be routed together")
+                ops.append((p, "prefix", m.prefix))
             if isinstance(m, LoRALayer):
                 if isinstance(m, nn.MultiheadAttention):
                     ops.append((p, "lora_mha", m.in_proj_weight.detach() + m.lora_delta_weight().detach()))
@@ -275,6 +345,13 @@ def _add_op(model, modules, dims, name, path, kind, op):
         model.peft_kept[name] = op
         return
     module = modules[path]
+    if kind == "prefix":
+        if not hasattr(module, "peft_prefixes"):
+            module.peft_prefix_kind = attention_kind(module)
+            module.__class__ = _routed_prefix_class(type(module))
+            module.peft_prefixes = nn.ModuleDict()
+        module.peft_prefixes[name] = op
+        return
     if not hasattr(module, "peft_routes"):
         module.peft_routes = RoutedSite(dims.get(path))
         module.register_forward_hook(_route_hook, with_kwargs=True)
@@ -283,6 +360,17 @@ def _add_op(model, modules, dims, name, path, kind, op):
         site.mha_weights[name] = op
         op = nn.Identity()
     site.add(name, kind, op)
+
+
+_ROUTED_PREFIX_CLASSES = {}
+
+
+def _routed_prefix_class(base: type) -> type:
+    """RoutedPrefix<Base>: the module's own class with the grouping forward (_routed_prefix_forward)."""
+    if base not in _ROUTED_PREFIX_CLASSES:
+        forward = {"forward": _routed_prefix_forward}
+        _ROUTED_PREFIX_CLASSES[base] = type(f"RoutedPrefix{base.__name__}", (base,), forward)
+    return _ROUTED_PREFIX_CLASSES[base]
 
 
 # ------------------------------------------------------------------------------------------ routing

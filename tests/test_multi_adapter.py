@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _models import images, tiny_swin
+from _models import images, tiny_swin, tiny_vit
 from test_modeling import base_cfg, inputs
 from test_peft_mask2former import build, peft_cfg
 
@@ -32,6 +32,9 @@ SWIN_CONFIGS = {
     "parallel": PeftConfig(methods=("adapter",), adapter=AdapterConfig(placements=("parallel_mlp", "mlp"))),
     "cobot": PeftConfig(methods=("lora", "cobot"), lora=LoRAConfig(r=4, targets=["*.attn.qkv"]),
                         cobot=CobotConfig("lora")),
+    "prefix": PeftConfig(methods=("prefix",), prefix=PrefixConfig(length=2)),
+    "prefix_mlp": PeftConfig(methods=("prefix", "adapter"), prefix=PrefixConfig(length=3, hidden=8),
+                             adapter=AdapterConfig(placements=("mlp",))),
 }
 
 
@@ -50,11 +53,11 @@ def swin_files(tmp_path_factory):
 def test_mixed_batch_equals_each_image_through_its_own_model(swin_files):
     models, paths = swin_files
     serve = tiny_swin()
-    x = images(7)
+    x = images(9)
     with torch.no_grad():
         base = serve(x)
         peft_d2.load_adapters(serve, paths)
-        routing = ["lora", "adapters", None, "cobot", "parallel", "lora_q", "lora"]
+        routing = ["lora", "prefix", "adapters", None, "cobot", "parallel", "prefix_mlp", "lora_q", "lora"]
         with multi.route(serve, routing):
             mixed = serve(x)
         single = {name: m(x) for name, m in models.items()}
@@ -82,8 +85,10 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
         "adapters": {"MODEL.PEFT.METHODS": ["adapter"],
                      "MODEL.PEFT.ADAPTER.PLACEMENTS": ["attn", "msdeform_attn", "decoder_self_attn",
                                                        "decoder_cross_attn"]},
+        "prefix": {"MODEL.PEFT.METHODS": ["prefix"], "MODEL.PEFT.PREFIX.PLACEMENTS": ["attn", "decoder_self_attn"],
+                   "MODEL.PEFT.PREFIX.LENGTH": "3"},
     }
-    batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48)))
+    batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48), (48, 48)))
     singles, paths = {}, {}
     for i, (name, opts) in enumerate(configs.items()):
         model = trained(build(peft_cfg(**opts)), 10 + i)  # heads (TRAINABLE) move too: they are routed
@@ -94,12 +99,44 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
     with torch.no_grad():
         base = [r["sem_seg"] for r in serve(batch)]
         peft_d2.load_adapters(serve, paths)
-        routed = [dict(d, adapter=a) for d, a in zip(batch, ["adapters", None, "lora"])]
-        mixed = [r["sem_seg"] for r in serve(routed)]
-    torch.testing.assert_close(mixed[0], singles["adapters"][0], **TOL)
-    torch.testing.assert_close(mixed[1], base[1], **TOL)
-    torch.testing.assert_close(mixed[2], singles["lora"][2], **TOL)
+        routing = ["adapters", None, "lora", "prefix"]
+        mixed = [r["sem_seg"] for r in serve([dict(d, adapter=a) for d, a in zip(batch, routing)])]
+    for i, name in enumerate(routing):
+        torch.testing.assert_close(mixed[i], base[i] if name is None else singles[name][i], **TOL)
     assert not torch.allclose(singles["lora"][2], base[2], **TOL)
+    assert not torch.allclose(singles["prefix"][3], base[3], **TOL)
+
+
+def test_vit_prefix_and_lora_mixed(tmp_path):
+    """ViT's windowed and global attention with prefixes of two lengths beside LoRA on the same blocks' qkv:
+    each prefix group runs with the route narrowed to its images, so the LoRA rows inside stay right."""
+    configs = {
+        "p2": PeftConfig(methods=("prefix",), prefix=PrefixConfig(length=2)),
+        "p5": PeftConfig(methods=("prefix",), prefix=PrefixConfig(length=5, blocks=("blocks.2",))),
+        "lora": PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv"])),
+    }
+    models, paths = {}, {}
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_vit()
+        inject(model, config)
+        models[name] = trained(model, 30 + i)
+        paths[name] = ckpt.save_adapter(model, str(tmp_path / f"{name}.safetensors"))
+    serve = tiny_vit()
+    x = images(5)
+    routing = ["p5", "lora", None, "p2", "lora"]
+    with torch.no_grad():
+        base = serve(x)["last_feat"]
+        peft_d2.load_adapters(serve, paths)
+        with multi.route(serve, routing):
+            mixed = serve(x)["last_feat"]
+        with multi.route(serve, ["p2"] * 5):  # one group: the whole batch through the prefix forward
+            whole = serve(x)["last_feat"]
+        single = {name: m(x)["last_feat"] for name, m in models.items()}
+    for i, name in enumerate(routing):
+        torch.testing.assert_close(mixed[i], base[i] if name is None else single[name][i], **TOL)
+        if name is not None:
+            assert not torch.allclose(single[name][i], base[i], **TOL)
+    torch.testing.assert_close(whole, single["p2"], **TOL)
 
 
 def test_mask2former_batch_as_large_as_the_queries_and_lora_on_decoder_ffn(tmp_path):
@@ -134,18 +171,20 @@ def test_mask2former_batch_as_large_as_the_queries_and_lora_on_decoder_ffn(tmp_p
 
 def test_refusals_leave_the_model_unchanged(swin_files, tmp_path):
     _, paths = swin_files
-    prefix = tiny_swin()
-    inject(prefix, PeftConfig(methods=("prefix",), prefix=PrefixConfig(length=2)))
-    prefix_path = ckpt.save_adapter(prefix, str(tmp_path / "prefix.safetensors"))
+    mopeft = tiny_swin()
+    inject(mopeft, PeftConfig(methods=("lora", "prefix", "mopeft"), lora=LoRAConfig(targets=["*.attn.qkv"]),
+                              prefix=PrefixConfig(length=2)))
+    mopeft_path = ckpt.save_adapter(mopeft, str(tmp_path / "mopeft.safetensors"))
     serve = tiny_swin()
     state = {k: v.clone() for k, v in serve.state_dict().items()}
-    with pytest.raises(ckpt.PeftCheckpointError, match=r"'p' .*\['prefix'\].*key length"):
-        peft_d2.load_adapters(serve, {"ok": paths["lora"], "p": prefix_path})
+    with pytest.raises(ckpt.PeftCheckpointError, match=r"'m' .*\['mopeft'\].*gates"):
+        peft_d2.load_adapters(serve, {"ok": paths["lora"], "m": mopeft_path})
     other = tiny_swin()
     other.layers[0].blocks[0].mlp.fc1 = torch.nn.Linear(32, 64)  # another base: fingerprint differs
     with pytest.raises(ckpt.PeftCheckpointError, match="another base model"):
         peft_d2.load_adapters(other, {"lora": paths["lora"]})
     assert not hasattr(serve, "peft_adapters") and serve.state_dict().keys() == state.keys()
+    assert not any("Prefix" in type(m).__name__ for m in serve.modules())  # no attention class was swapped
     peft_d2.load_adapters(serve, {"lora": paths["lora"]})
     with pytest.raises(PeftConfigError, match=r"\['lora'\] are already loaded"):
         peft_d2.load_adapters(serve, {"lora": paths["lora"]})
