@@ -90,6 +90,32 @@ class RoutedSite(nn.Module):
         self.kinds[name].append(kind)
 
 
+    def fused_lora(self, x):
+        """For an MSDeformAttn value_proj under routing: (z, stacked lora_B, scaling, adapter_index) for the fused
+        operator (peft_d2.ops.ms_deform_attn_lora), entry 0 a zero LoRA for images on the base; None when some
+        adapter present here does more than one fusable LoRA, or ranks differ (the unfused path then runs)."""
+        route = _ROUTE.get()
+        if route is None:
+            return None
+        slots, names = route
+        present = [s for s in torch.unique(slots).tolist() if s >= 0 and names[s] in self.ops]
+        branches = [self.ops[names[s]][0] for s in present]
+        if not present or any(self.kinds[names[s]] != ["lora"] for s in present):
+            return None
+        if any(not b.lora_fusable() for b in branches) or len({b.lora_r for b in branches}) != 1:
+            return None
+        r = branches[0].lora_r
+        z = x.new_zeros(*x.shape[:-1], r)
+        index = torch.zeros(len(slots), dtype=torch.long)
+        for k, (slot, branch) in enumerate(zip(present, branches), start=1):
+            images = torch.nonzero(slots == slot).flatten()
+            index[images] = k
+            z[images.to(x.device)] = branch.lora_down(x[images.to(x.device)]).to(z.dtype)
+        lora_B = torch.stack([torch.zeros_like(branches[0].lora_B[0])] + [b.lora_B[0] for b in branches])
+        scaling = torch.tensor([0.0] + [float(b.lora_scaling) for b in branches], dtype=x.dtype, device=x.device)
+        return z, lora_B.to(x.dtype), scaling, index.to(x.device)
+
+
 def _route_hook(module, args, kwargs, output):
     route = _ROUTE.get()
     if route is None:

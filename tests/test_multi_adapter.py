@@ -7,7 +7,7 @@ from test_modeling import base_cfg, inputs
 from test_peft_mask2former import build, peft_cfg
 
 import peft_d2
-from peft_d2 import AdapterConfig, LoRAConfig, PeftConfig, PeftConfigError, inject, multi
+from peft_d2 import AdapterConfig, LoRAConfig, PeftConfig, PeftConfigError, inject, multi, ops
 from peft_d2 import checkpoint as ckpt
 from peft_d2.tuners.cobot import CobotConfig
 from peft_d2.tuners.prefix import PrefixConfig
@@ -76,7 +76,16 @@ def test_mixed_batch_equals_each_image_through_its_own_model(swin_files):
         torch.testing.assert_close(serve(x)["p1"], base["p1"], **TOL)
 
 
-def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_routed_heads(tmp_path):
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_routed_heads(tmp_path, monkeypatch,
+                                                                                          fused):
+    """fused "1": LoRA in MSDeformAttn's value_proj through the fused operator, each image's B by adapter_index
+    (entry 0, zero, for images whose adapter has no LoRA there)."""
+    monkeypatch.setenv(ops.FUSED_ENV_VAR, fused)
+    indices = []
+    fused_op = ops.ms_deform_attn_lora
+    monkeypatch.setattr(ops, "ms_deform_attn_lora",
+                        lambda *a, **k: indices.append(k.get("adapter_index")) or fused_op(*a, **k))
     configs = {
         "lora": {"MODEL.PEFT.METHODS": ["lora"],
                  "MODEL.PEFT.LORA.TARGETS": ["backbone.layers.*.attn.qkv", "sem_seg_head.predictor.*.self_attn",
@@ -105,6 +114,11 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
         torch.testing.assert_close(mixed[i], base[i] if name is None else singles[name][i], **TOL)
     assert not torch.allclose(singles["lora"][2], base[2], **TOL)
     assert not torch.allclose(singles["prefix"][3], base[3], **TOL)
+    routed = [i for i in indices if i is not None]  # the served model's calls (single models pass None)
+    if fused == "1":
+        assert routed and all(i.tolist() == [0, 0, 1, 0] for i in routed)  # only image 2 has LoRA there
+    else:
+        assert indices == []
 
 
 def test_vit_prefix_and_lora_mixed(tmp_path):

@@ -87,25 +87,31 @@ class MSDeformAttn(nn.Module):
         The one place where value_proj meets the operator. With a fusable LoRA on value_proj, the fused
         operator (peft_d2.ops.ms_deform_attn_lora) runs where it is the cheaper form for this call's shape and
         device (peft_d2.ops.choose_lora_path; PEFT_D2_MSDA_FUSED=0|1|auto overrides); otherwise value_proj's own
-        forward (LoRA included) forms the value and the plain operator samples it.
+        forward (LoRA included) forms the value and the plain operator samples it. A model serving several
+        adapters (peft_d2.multi) takes the fused path the same way, each image's LoRA chosen by adapter_index.
         """
         vp = self.value_proj
-        if (
-            isinstance(vp, LoRALayer)
-            and vp.lora_fusable()
-            and ops.use_fused_lora(sampling_locations.shape[1], input_flatten.shape[1], input_flatten.device.type)
-        ):
+        fused = None
+        routes = getattr(vp, "peft_routes", None)  # several adapters served per image (peft_d2.multi)
+        if (isinstance(vp, LoRALayer) and vp.lora_fusable()) or routes is not None:
+            N, S, _ = input_flatten.shape
+            if ops.use_fused_lora(sampling_locations.shape[1], S, input_flatten.device.type):
+                if isinstance(vp, LoRALayer):
+                    fused = vp.lora_down(input_flatten), vp.lora_B[0], vp.lora_scaling, None
+                else:  # each image's adapter by adapter_index, or None when an adapter here is not one LoRA
+                    fused = routes.fused_lora(input_flatten)
+        if fused is not None:
             # value = x W^T + b + s z B^T with z = x A^T: sample z (rank r) beside the base value in one pass
             # and apply B per head afterwards, never forming the LoRA-augmented value
-            N, S, _ = input_flatten.shape
+            z, lora_B, scaling, adapter_index = fused
             base = F.linear(input_flatten, vp.weight, vp.bias)
-            z = vp.lora_down(input_flatten)
             if input_padding_mask is not None:
                 base = base.masked_fill(input_padding_mask[..., None], 0.0)
                 z = z.masked_fill(input_padding_mask[..., None], 0.0)
             return ops.ms_deform_attn_lora(
-                base.view(N, S, self.n_heads, self.d_model // self.n_heads), z, vp.lora_B[0], vp.lora_scaling,
+                base.view(N, S, self.n_heads, self.d_model // self.n_heads), z, lora_B, scaling,
                 input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights,
+                adapter_index=adapter_index,
             )
         value = self.project_value(input_flatten, input_padding_mask)
         # looked up at call time so a backend installed after import (or a test's patch) is used
