@@ -45,3 +45,26 @@ PEFT_OPTS = {
     "MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["roi_heads.box_head.fc[12]"],
     "MODEL.PEFT.TRAINABLE": ["roi_heads.box_predictor.*", "backbone.fpn_output*.bias"],
 }
+
+
+def register_oracle(name: str, predictions):
+    """Register a meta-architecture `name` that returns predictions()[basename of file_name] for each image,
+    whatever its pixels: evaluators tested through train_net --eval-only against hand-computed values."""
+    from pathlib import Path
+
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+            self.outputs = predictions()
+
+        def forward(self, batched_inputs):
+            assert not self.training
+            return [self.outputs[Path(x["file_name"]).name] for x in batched_inputs]
+
+    Oracle.__name__ = name
+    if name not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(Oracle)
+    return Oracle

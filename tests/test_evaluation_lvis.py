@@ -16,8 +16,8 @@ pytest.importorskip("detectron2")
 pytest.importorskip("lvis")
 
 import torch  # noqa: E402
+from _models import register_oracle  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -92,16 +92,7 @@ def _predictions() -> dict:
     return out
 
 
-@META_ARCH_REGISTRY.register()
-class PeftD2TestLVISOracle(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.outputs = _predictions()
-
-    def forward(self, batched_inputs):
-        assert not self.training
-        return [self.outputs[Path(x["file_name"]).name] for x in batched_inputs]
+register_oracle("PeftD2TestLVISOracle", _predictions)  # returns _predictions() for each image
 
 
 # Every prediction overlaps its ground truth exactly, so each IoU threshold gives the same per-category AP
