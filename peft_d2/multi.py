@@ -89,11 +89,10 @@ class RoutedSite(nn.Module):
         self.ops[name].append(module)
         self.kinds[name].append(kind)
 
-
     def fused_lora(self, x):
         """For an MSDeformAttn value_proj under routing: (z, stacked lora_B, scaling, adapter_index) for the fused
-        operator (peft_d2.ops.ms_deform_attn_lora), entry 0 a zero LoRA for images on the base; None when some
-        adapter present here does more than one fusable LoRA, or ranks differ (the unfused path then runs)."""
+        operator (peft_d2.ops.ms_deform_attn_lora), entry 0 a zero LoRA for images on the base; None when an
+        adapter present here is anything but one fusable LoRA, or the ranks differ (the unfused path then runs)."""
         route = _ROUTE.get()
         if route is None:
             return None
