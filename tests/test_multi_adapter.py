@@ -76,9 +76,7 @@ def test_mixed_batch_equals_each_image_through_its_own_model(swin_files):
         torch.testing.assert_close(serve(x)["p1"], base["p1"], **TOL)
 
 
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_routed_heads(tmp_path, monkeypatch,
-                                                                                          fused):
+def _mask2former_mixed(tmp_path, monkeypatch, fused, device="cpu"):
     """fused "1": LoRA in MSDeformAttn's value_proj through the fused operator, each image's B by adapter_index
     (entry 0, zero, for images whose adapter has no LoRA there)."""
     monkeypatch.setenv(ops.FUSED_ENV_VAR, fused)
@@ -100,17 +98,18 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
     batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48), (48, 48)))
     singles, paths = {}, {}
     for i, (name, opts) in enumerate(configs.items()):
-        model = trained(build(peft_cfg(**opts)), 10 + i)  # heads (TRAINABLE) move too: they are routed
+        model = trained(build(peft_cfg(**opts)), 10 + i).to(device)  # heads (TRAINABLE) move too: they are routed
         paths[name] = ckpt.save_adapter(model, str(tmp_path / f"{name}.safetensors"))
         with torch.no_grad():
             singles[name] = [r["sem_seg"] for r in model(batch)]
-    serve = build(base_cfg())
+    serve = build(base_cfg()).to(device)
     with torch.no_grad():
         base = [r["sem_seg"] for r in serve(batch)]
         peft_d2.load_adapters(serve, paths)
         routing = ["adapters", None, "lora", "prefix"]
         mixed = [r["sem_seg"] for r in serve([dict(d, adapter=a) for d, a in zip(batch, routing)])]
     for i, name in enumerate(routing):
+        assert mixed[i].device.type == device
         torch.testing.assert_close(mixed[i], base[i] if name is None else singles[name][i], **TOL)
     assert not torch.allclose(singles["lora"][2], base[2], **TOL)
     assert not torch.allclose(singles["prefix"][3], base[3], **TOL)
@@ -119,6 +118,19 @@ def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_rou
         assert routed and all(i.tolist() == [0, 0, 1, 0] for i in routed)  # only image 2 has LoRA there
     else:
         assert indices == []
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_mask2former_mixed_batch_with_head_adapters_lora_in_msdeformattn_and_routed_heads(tmp_path, monkeypatch,
+                                                                                          fused):
+    _mask2former_mixed(tmp_path, monkeypatch, fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_mask2former_mixed_batch_on_cuda(tmp_path, monkeypatch, fused):
+    """The same on the GPU: the CUDA kernel's adapter_index path (tools/gpu_check.py runs it)."""
+    _mask2former_mixed(tmp_path, monkeypatch, fused, device="cuda")
 
 
 def test_vit_prefix_and_lora_mixed(tmp_path):

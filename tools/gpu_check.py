@@ -8,11 +8,12 @@ the end: nothing is installed into the system. Stages, in order:
   wheels     pip install --no-index --no-deps --target TMP  every *.whl of --wheels
   build      peft_d2._C with CUDA for the device's architecture, in place, against the torch found
   tests      pytest -m gpu (float32 to 1e-5, half types to 1e-2 against the float64 reference, fused and
-             multi-adapter forms, gradients)
+             multi-adapter forms, gradients; a mixed batch of adapters served from one Mask2Former)
   memcheck   the operator's gpu tests under compute-sanitizer --tool memcheck  (where compute-sanitizer exists)
   racecheck  the same under --tool racecheck
   bench      tools/benchmark_msda.py at the Mask2Former shape and a decoder cross-attention shape, float32 and
-             bfloat16: reference / unfused / fused / no-LoRA times, bandwidth against a device-to-device copy
+             bfloat16: reference / unfused / fused / no-LoRA times, bandwidth against a device-to-device copy;
+             tools/benchmark_multi_adapter.py on the Swin-B Mask2Former (16 images of 512 px, K = 1, 4, 16)
   train      tools/benchmark_train.py: one training step of the Swin-B Mask2Former (COCO config, 1024 px,
              batch 2, AMP), full fine-tuning against the PEFT configs: step time and max_memory_allocated ratios
 
@@ -232,7 +233,9 @@ def plan(ctx, stage):
         return why, [(cmd, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})]
     if stage == "bench":
         bench = [ctx.python, "tools/benchmark_msda.py", "--device", "cuda", "--shapes", "m2f", "decoder", "--dtype"]
-        return why, [(bench + ["float32"], {}), (bench + ["bfloat16"], {})]
+        serve = [ctx.python, "tools/benchmark_multi_adapter.py", "--device", "cuda", "--base", SWIN_B, "--peft-dir",
+                 "configs/coco/peft", "--size", "512", "--batch", "16", "--k", "1", "4", "16", "--rounds", "5"]
+        return why, [(bench + ["float32"], {}), (bench + ["bfloat16"], {}), (serve, {})]
     if stage == "train":
         cmd = [ctx.python, "tools/benchmark_train.py", "--device", "cuda", "--amp", "--base", SWIN_B, "--peft-dir",
                "configs/coco/peft", "--size", str(ctx.args.train_size), "--batch", str(ctx.args.train_batch),
