@@ -203,11 +203,11 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
 
     monkeypatch.setenv("PEFT_D2_HOME", str(tmp_path / "home"))
     common = ["--smoke", "--pretrain-iters", "4", "--finetune-iters", "5", "--seeds", "0", "1"]
-    methods = ["--methods", "full_finetune", "lora_backbone"]
+    methods = ["--methods", "scratch", "full_finetune", "lora_backbone"]  # scratch: the config of another method
     prefix = str(tmp_path / "bench")
     raw = benchmark_peft.main([*common, *methods, "--lr-scales", "1", "3", "--max-extensions", "0",
                                "--output", prefix])
-    assert len(raw["selection"]) == 4 and len(raw["runs"]) == 4
+    assert len(raw["selection"]) == 6 and len(raw["runs"]) == 6
     assert {r["split"] for r in raw["selection"]} == {"val"} and {r["split"] for r in raw["runs"]} == {"test"}
     assert raw["selected_lr_scale"] == benchmark_peft.choose(raw["selection"])
     for r in raw["runs"]:
@@ -224,8 +224,8 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     res = demo.main([*common, *methods, "--lr-scales-from", prefix + ".json", "--output", str(out)])
     text = capsys.readouterr().out
     assert sorted(os.listdir(runs_dir)) == before  # every run came from the cache
-    assert "4 of 4 runs cached" in text and "AP - full (paired 95% CI)" in text
-    assert {r["method"] for r in res["rows"]} == {"full_finetune", "lora_backbone"}
+    assert "6 of 6 runs cached" in text and "AP - full (paired 95% CI)" in text
+    assert {r["method"] for r in res["rows"]} == {"scratch", "full_finetune", "lora_backbone"}
     for name in ("results.json", "results.md", "ap_vs_params.png", "predictions.png", "base_A_val.png"):
         assert (out / name).stat().st_size > 0
     # the last step: one method here, so its two seeds' adapter files are served from one base in one batch

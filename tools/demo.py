@@ -175,7 +175,7 @@ class Plan:
         return os.path.join(cache_root(), f"runs-{self.pretrain_key}", name)
 
     def run_spec(self, method, seed, lr_scale, split):
-        config = os.path.join(METHOD_CONFIGS, f"{'full_finetune' if method == 'scratch' else method}.yaml")
+        config = method_config(method)
         if not os.path.exists(config):
             raise SystemExit(f"no config for method {method!r}: expected {config}")
         weights = "" if method == "scratch" else self.base_weights
@@ -205,6 +205,11 @@ class Plan:
             for f in [ex.submit(one, r) for r in todo]:
                 f.result()
         return [load_result(self.run_dir(*r)) for r in runs]
+
+
+def method_config(method: str) -> str:
+    """The fine-tuning config of a method ("scratch" is full fine-tuning's config from random weights)."""
+    return os.path.join(METHOD_CONFIGS, f"{'full_finetune' if method == 'scratch' else method}.yaml")
 
 
 def lr_opts(config: str, scale: float) -> list[str]:
@@ -487,7 +492,7 @@ def _load(plan, results, method, rank=0):
         PeftCheckpointer(model).load(plan.base_weights)
         return model, "synthetic_A_train"
     run_dir, _ = _first_run(plan, results, method, rank)
-    cfg = _config(plan, os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
+    cfg = _config(plan, method_config(method))
     if cfg.MODEL.META_ARCHITECTURE == "PEFT":
         model = build_base_model(cfg)
         PeftCheckpointer(model).load(plan.base_weights)
@@ -556,7 +561,7 @@ def serve_adapters(plan, results, num_images=4):
     _register(plan)
     servable = []
     for method in dict.fromkeys(r["method"] for r in results):
-        cfg = _config(plan, os.path.join(METHOD_CONFIGS, f"{method}.yaml"))
+        cfg = _config(plan, method_config(method))
         if cfg.MODEL.META_ARCHITECTURE == "PEFT" and set(cfg.MODEL.PEFT.METHODS) <= set(ROUTABLE_METHODS):
             servable.append(method)
     seeds = {m: len({r["seed"] for r in results if r["method"] == m}) for m in servable}
@@ -571,7 +576,7 @@ def serve_adapters(plan, results, num_images=4):
         run_dir, seed = _first_run(plan, results, method, rank)
         files[f"{method} (seed {seed})"] = os.path.join(run_dir, "adapter_final.safetensors")
     names = list(files)
-    model = build_base_model(_config(plan, os.path.join(METHOD_CONFIGS, f"{chosen[0][0]}.yaml")))
+    model = build_base_model(_config(plan, method_config(chosen[0][0])))
     PeftCheckpointer(model).load(plan.base_weights)
     peft_d2.load_adapters(model, files)
     model.eval()
