@@ -543,7 +543,7 @@ def predictions_png(plan, results, rows, path, num_images=3):
 
 
 def serve_adapters(plan, results, num_images=4):
-    """The last step: the B adapter files of two methods (or, with one servable method, of its two lowest seeds)
+    """The last step: the B adapter files of two PEFT methods (or, with one servable, of its two lowest seeds)
     served from one base in one batch (peft_d2.load_adapters), images alternating between them, against each
     file's own single-adapter model. Returns a dict of what was compared, or None when fewer than two adapter
     files can be served (peft_d2.multi.ROUTABLE_METHODS)."""
@@ -554,13 +554,14 @@ def serve_adapters(plan, results, num_images=4):
 
     import peft_d2
     import peft_d2.modeling  # noqa: F401
+    from peft_d2 import study
     from peft_d2.build import build_base_model
     from peft_d2.engine import PeftCheckpointer
     from peft_d2.multi import ROUTABLE_METHODS
 
     _register(plan)
     servable = []
-    for method in dict.fromkeys(r["method"] for r in results):
+    for method in dict.fromkeys(r["method"] for r in results if r["method"] not in study.BASELINES):
         cfg = _config(plan, method_config(method))
         if cfg.MODEL.META_ARCHITECTURE == "PEFT" and set(cfg.MODEL.PEFT.METHODS) <= set(ROUTABLE_METHODS):
             servable.append(method)
