@@ -44,13 +44,32 @@ from .tuners.adapter import _parallel_adapter_hook, _sequential_adapter_hook
 from .tuners.lora import LoRALayer
 from .tuners.prefix import _FORWARDS, attention_kind
 
-_ROUTE = contextvars.ContextVar("peft_d2_route", default=None)  # (N,) long tensor of adapter slots, -1: base
+_ROUTE = contextvars.ContextVar("peft_d2_route", default=None)  # the _Route of the forward pass under way
 ROUTABLE_METHODS = ("lora", "adapter", "cobot", "prefix")
 HOOKS = {_sequential_adapter_hook: ("adapter", "adapter"), _parallel_adapter_hook: ("parallel", "parallel_adapter")}
 REFUSED = {
     "mopeft": "MoPEFT gates are read by modules of every adapter at once",
     "sfa": "SFA changes base weights entry by entry (its internal adapters)",
 }
+
+
+class _Route:
+    """Image n of the forward pass uses adapter names[slots[n]] (slot -1: the base). The images of each slot and
+    their rows at each site's row count are computed once per pass, not at every site."""
+
+    def __init__(self, slots: torch.Tensor, names: list):
+        self.slots, self.names = slots, names
+        self.groups = {s: torch.nonzero(slots == s).flatten() for s in torch.unique(slots).tolist()}
+        self._rows = {}
+
+    def rows(self, slot, n_rows, device):
+        key = (slot, n_rows, device)
+        if key not in self._rows:
+            self._rows[key] = _rows(self.groups[slot], n_rows, len(self.slots), device)
+        return self._rows[key]
+
+    def narrowed(self, images):
+        return _Route(self.slots[images], self.names)
 
 
 class LoRABranch(nn.Module, LoRALayer):
@@ -96,8 +115,8 @@ class RoutedSite(nn.Module):
         route = _ROUTE.get()
         if route is None:
             return None
-        slots, names = route
-        present = [s for s in torch.unique(slots).tolist() if s >= 0 and names[s] in self.ops]
+        slots, names = route.slots, route.names
+        present = [s for s in route.groups if s >= 0 and names[s] in self.ops]
         branches = [self.ops[names[s]][0] for s in present]
         if not present or any(self.kinds[names[s]] != ["lora"] for s in present):
             return None
@@ -107,7 +126,7 @@ class RoutedSite(nn.Module):
         z = x.new_zeros(*x.shape[:-1], r)
         index = torch.zeros(len(slots), dtype=torch.long)
         for k, (slot, branch) in enumerate(zip(present, branches), start=1):
-            images = torch.nonzero(slots == slot).flatten()
+            images = route.groups[slot]
             index[images] = k
             z[images.to(x.device)] = branch.lora_down(x[images.to(x.device)]).to(z.dtype)
         lora_B = torch.stack([torch.zeros_like(branches[0].lora_B[0])] + [b.lora_B[0] for b in branches])
@@ -120,17 +139,15 @@ def _route_hook(module, args, kwargs, output):
     if route is None:
         return output
     site = module.peft_routes
-    slots, names = route
     first = output[0] if isinstance(output, tuple) else output
-    dim = _batch_dim(site, first, len(slots), module)
+    dim = _batch_dim(site, first, len(route.slots), module)
     new = None
-    for slot in torch.unique(slots).tolist():
-        if slot < 0 or names[slot] not in site.ops:
+    for slot, images in route.groups.items():
+        if slot < 0 or route.names[slot] not in site.ops:
             continue
-        name = names[slot]
-        images = torch.nonzero(slots == slot).flatten()
-        rows = _rows(images, first.shape[dim], len(slots), first.device)
-        whole = len(images) == len(slots)  # one adapter for the whole batch: no gathering
+        name = route.names[slot]
+        rows = route.rows(slot, first.shape[dim], first.device)
+        whole = len(images) == len(route.slots)  # one adapter for the whole batch: no gathering
         pick = (lambda t: t) if whole else (lambda t: t.index_select(dim, rows))  # noqa: B023
         out = pick(first)
         for kind, op in zip(site.kinds[name], site.ops[name]):
@@ -201,7 +218,7 @@ def _routed_prefix_forward(self, *args, **kwargs):
     route = _ROUTE.get()
     if route is None:
         return own(self, *args, **kwargs)
-    slots, names = route
+    slots, names = route.slots, route.names
     keys = [names[s] if s >= 0 and names[s] in self.peft_prefixes else None for s in slots.tolist()]
     groups = {k: torch.tensor([i for i, x in enumerate(keys) if x == k], dtype=torch.long) for k in dict.fromkeys(keys)}
 
@@ -221,7 +238,7 @@ def _routed_prefix_forward(self, *args, **kwargs):
     out, weights = None, None
     for key, images in groups.items():
         rows = _rows(images, first.shape[dim], len(slots), first.device)
-        token = _ROUTE.set((slots[images], names))
+        token = _ROUTE.set(route.narrowed(images))
         try:
             part = run(key, (), _select_attention_inputs(self, bound, images, rows, dim))
         finally:
@@ -414,7 +431,7 @@ def _root_pre_hook(model, args, kwargs):
     if unknown:
         raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
     slots = torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long)
-    model._peft_route_token = _ROUTE.set((slots, names))
+    model._peft_route_token = _ROUTE.set(_Route(slots, names))
     return None
 
 
@@ -433,7 +450,7 @@ def route(model: nn.Module, adapters: list):
     unknown = sorted({a for a in adapters if a is not None and a not in names})
     if unknown:
         raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
-    token = _ROUTE.set((torch.tensor([-1 if a is None else names.index(a) for a in adapters]), names))
+    token = _ROUTE.set(_Route(torch.tensor([-1 if a is None else names.index(a) for a in adapters]), names))
     try:
         yield
     finally:
