@@ -154,7 +154,7 @@ def _route_hook(module, args, kwargs, output):
             if kind == "lora":
                 out = out + op.lora_output(pick(args[0])).to(out.dtype)
             elif kind == "lora_mha":
-                out = _mha_rows(module, args, kwargs, images, rows, site.mha_weights[name])
+                out = _mha_rows(module, args, kwargs, rows, site.mha_weights[name])
             elif kind == "head":
                 out = F.linear(pick(args[0]), op.weight, op.bias)
             elif kind == "adapter":
@@ -189,25 +189,38 @@ def _rows(images, n_rows, n_images, device):
     return (images[:, None] * per + torch.arange(per, device=images.device)).flatten().to(device)
 
 
-def _mha_rows(mha, args, kwargs, images, rows, in_proj_weight):
+def _mha_rows(mha, args, kwargs, rows, in_proj_weight):
     """nn.MultiheadAttention's output for some images, with a given in_proj_weight (LoRA folded in)."""
-    bound = _bind_mha(args, kwargs)
-    dim = 0 if mha.batch_first else 1
-    q, k, v = (bound[n].index_select(dim, rows) for n in ("query", "key", "value"))
+    picked = _select_mha_inputs(mha, _bind_mha(args, kwargs), rows)
+    q, k, v = (picked[n] for n in ("query", "key", "value"))
     if mha.batch_first:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-    kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
-    if kpm is not None:
-        kpm = kpm.index_select(0, rows)
-    if mask is not None and mask.dim() == 3:  # (N * heads, L, S): the heads of image n are rows n*h .. n*h+h-1
-        h = mha.num_heads
-        mask = mask.index_select(0, (rows[:, None] * h + torch.arange(h, device=rows.device)).flatten())
     out, _ = F.multi_head_attention_forward(
         q, k, v, mha.embed_dim, mha.num_heads, in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
         mha.add_zero_attn, mha.dropout, mha.out_proj.weight, mha.out_proj.bias, training=mha.training,
-        key_padding_mask=kpm, need_weights=False, attn_mask=mask,
+        key_padding_mask=picked.get("key_padding_mask"), need_weights=False, attn_mask=picked.get("attn_mask"),
     )
     return out.transpose(0, 1) if mha.batch_first else out
+
+
+def _bind_mha(args, kwargs):
+    """nn.MultiheadAttention.forward's arguments by name."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _select_mha_inputs(mha, bound, rows):
+    """The arguments of nn.MultiheadAttention (bound by name) restricted to some images' rows."""
+    dim = 0 if mha.batch_first else 1
+    picked = {**bound, **{n: bound[n].index_select(dim, rows) for n in ("query", "key", "value")}}
+    if bound.get("key_padding_mask") is not None:
+        picked["key_padding_mask"] = bound["key_padding_mask"].index_select(0, rows)
+    mask = bound.get("attn_mask")
+    if mask is not None and mask.dim() == 3:  # (N * heads, L, S): the heads of image n are rows n*h .. n*h+h-1
+        h = mha.num_heads
+        picked["attn_mask"] = mask.index_select(0, (rows[:, None] * h + torch.arange(h, device=rows.device)).flatten())
+    return picked
 
 
 def _routed_prefix_forward(self, *args, **kwargs):
@@ -233,46 +246,29 @@ def _routed_prefix_forward(self, *args, **kwargs):
 
     if len(groups) == 1:
         return run(keys[0], args, kwargs)
-    bound = _bind_attention(self, args, kwargs)
-    first, dim = (bound["query"], 0 if self.batch_first else 1) if self.peft_prefix_kind == "mha" else (bound["x"], 0)
-    out, weights = None, None
+    if self.peft_prefix_kind == "mha":
+        bound = _bind_mha(args, kwargs)
+        first, dim = bound["query"], 0 if self.batch_first else 1
+    else:  # x: (B, H, W, C) or (B * windows, N, C), the rows of each image contiguous; a window mask is per window
+        bound = {**dict(zip(("x", "mask"), args)), **kwargs}
+        first, dim = bound["x"], 0
+    out = None
     for key, images in groups.items():
         rows = _rows(images, first.shape[dim], len(slots), first.device)
         token = _ROUTE.set(route.narrowed(images))
         try:
-            part = run(key, (), _select_attention_inputs(self, bound, images, rows, dim))
+            if self.peft_prefix_kind == "mha":
+                picked = _select_mha_inputs(self, bound, rows)
+            else:
+                picked = {**bound, "x": bound["x"].index_select(0, rows)}
+            part = run(key, (), picked)
         finally:
             _ROUTE.reset(token)
         if isinstance(part, tuple):  # nn.MultiheadAttention: (output, weights); weights differ in key length
             part = part[0]
-        out = part.new_empty(first.shape[:dim] + (first.shape[dim],) + part.shape[dim + 1 :]) if out is None else out
+        out = part.new_empty(first.shape[: dim + 1] + part.shape[dim + 1 :]) if out is None else out
         out.index_copy_(dim, rows.to(out.device), part)
-    return (out, weights) if self.peft_prefix_kind == "mha" else out
-
-
-def _bind_attention(module, args, kwargs):
-    names = {"mha": ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-                     "average_attn_weights", "is_causal"), "window": ("x", "mask"), "vit": ("x",)}
-    return {**dict(zip(names[module.peft_prefix_kind], args)), **kwargs}
-
-
-def _select_attention_inputs(module, bound, images, rows, dim):
-    """The keyword inputs of one group of images: their rows of every batched input."""
-    if module.peft_prefix_kind != "mha":  # x: (B, H, W, C) or (B * windows, N, C); the window mask is per window
-        return {**bound, "x": bound["x"].index_select(0, rows)}
-    picked = {**bound, **{n: bound[n].index_select(dim, rows) for n in ("query", "key", "value")}}
-    if bound.get("key_padding_mask") is not None:
-        picked["key_padding_mask"] = bound["key_padding_mask"].index_select(0, rows)
-    mask = bound.get("attn_mask")
-    if mask is not None and mask.dim() == 3:  # (N * heads, L, S)
-        h = module.num_heads
-        picked["attn_mask"] = mask.index_select(0, (rows[:, None] * h + torch.arange(h, device=rows.device)).flatten())
-    return picked
-
-
-def _bind_mha(args, kwargs):
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-    return {**dict(zip(names, args)), **kwargs}
+    return (out, None) if self.peft_prefix_kind == "mha" else out  # no attention weights across groups
 
 
 # ------------------------------------------------------------------------------------------ loading

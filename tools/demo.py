@@ -565,10 +565,9 @@ def serve_adapters(plan, results, num_images=4):
         cfg = _config(plan, method_config(method))
         if cfg.MODEL.META_ARCHITECTURE == "PEFT" and set(cfg.MODEL.PEFT.METHODS) <= set(ROUTABLE_METHODS):
             servable.append(method)
-    seeds = {m: len({r["seed"] for r in results if r["method"] == m}) for m in servable}
     if len(servable) >= 2:
         chosen = [(servable[0], 0), (servable[1], 0)]
-    elif servable and seeds[servable[0]] >= 2:
+    elif servable and len({r["seed"] for r in results if r["method"] == servable[0]}) >= 2:
         chosen = [(servable[0], 0), (servable[0], 1)]
     else:
         return None
