@@ -1,4 +1,7 @@
-"""Tiny detectron2 backbones shared by the tests."""
+"""Tiny detectron2 backbones, inputs and helpers shared by the tests."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
 from detectron2 import model_zoo
@@ -6,6 +9,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling.backbone import SwinTransformer, ViT
 
 from peft_d2.config import add_peft_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_swin():
@@ -50,8 +55,6 @@ PEFT_OPTS = {
 def register_oracle(name: str, predictions):
     """Register a meta-architecture `name` that returns predictions()[basename of file_name] for each image,
     whatever its pixels: evaluators tested through train_net --eval-only against hand-computed values."""
-    from pathlib import Path
-
     from detectron2.modeling import META_ARCH_REGISTRY
 
     class Oracle(torch.nn.Module):
@@ -68,3 +71,25 @@ def register_oracle(name: str, predictions):
     if name not in META_ARCH_REGISTRY:
         META_ARCH_REGISTRY.register(Oracle)
     return Oracle
+
+
+def load_tool(script: str = "train_net.py", module_name: str = "peft_d2_train_net"):
+    """A script of tools/ imported as a module (a fresh module each call)."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def detection_batch(size: int, box: tuple):
+    """One (3, size, size) random image with one instance of class 1: `box` (x0, y0, x1, y1) and its filled mask."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    x0, y0, x1, y1 = box
+    inst = Instances((size, size))
+    inst.gt_boxes = Boxes(torch.tensor([[float(x0), float(y0), float(x1), float(y1)]]))
+    inst.gt_classes = torch.tensor([1])
+    masks = torch.zeros(1, size, size, dtype=torch.bool)
+    masks[0, y0:y1, x0:x1] = True
+    inst.gt_masks = BitMasks(masks)
+    return [{"image": torch.rand(3, size, size) * 255, "instances": inst}]

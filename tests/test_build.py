@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from _models import PEFT_OPTS, small_rcnn_cfg
+from _models import PEFT_OPTS, detection_batch, small_rcnn_cfg
 from detectron2.modeling import build_model
 
 import peft_d2.build  # noqa: F401 - registers "PEFT" and "PEFTBackbone"
@@ -119,17 +119,9 @@ def test_mask_rcnn_with_a_vit_backbone_adopts_peft_through_the_backbone_hook():
     backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
     assert backbone_trainable and all(".lora_" in n or ".adapter." in n for n in backbone_trainable)
     assert any(n.startswith("roi_heads.") for n in trainable)  # the detector's heads train as usual
-    from detectron2.structures import BitMasks, Boxes, Instances
-
-    inst = Instances((128, 128))
-    inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]]))
-    inst.gt_classes = torch.tensor([1])
-    masks = torch.zeros(1, 128, 128, dtype=torch.bool)
-    masks[0, 10:70, 10:60] = True
-    inst.gt_masks = BitMasks(masks)
     model.train()
     with EventStorage(0):
-        losses = model([{"image": torch.rand(3, 128, 128) * 255, "instances": inst}])
+        losses = model(detection_batch(128, (10, 10, 60, 70)))
     sum(losses.values()).backward()
     assert model.backbone.net.blocks[0].attn.qkv.lora_B.grad is not None
     assert model.backbone.net.blocks[0].attn.qkv.weight.grad is None

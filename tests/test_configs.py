@@ -4,13 +4,14 @@ Mask2Former schedules, crops and query counts."""
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("detectron2")
+
+from _models import load_tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -20,10 +21,7 @@ MODELS = [c for c in ALL if not Path(c).name.startswith("Base-")]
 
 @lru_cache(maxsize=1)
 def _train_net():
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net", ROOT / "tools" / "train_net.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool()
 
 
 def load(rel: str):

@@ -5,7 +5,6 @@ perturbations. The expected instance AP and semantic mIoU are worked out by hand
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ pytest.importorskip("cityscapesscripts")
 pytest.importorskip("shapely")
 
 import torch  # noqa: E402
-from _models import register_oracle  # noqa: E402
+from _models import load_tool, register_oracle  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -152,9 +151,7 @@ def cityscapes_root(tmp_path, monkeypatch):
 
 
 def test_eval_only_reports_cityscapes_ap_and_miou(cityscapes_root):
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net_cs", ROOT / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net.py", "peft_d2_train_net_cs")
     config = cityscapes_root / "oracle.yaml"
     config.write_text(
         "MODEL:\n  META_ARCHITECTURE: PeftD2TestCityscapesOracle\n  DEVICE: cpu\n  WEIGHTS: ''\n"

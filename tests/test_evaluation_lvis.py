@@ -5,7 +5,6 @@ instance. The expected APs are worked out by hand below."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ pytest.importorskip("detectron2")
 pytest.importorskip("lvis")
 
 import torch  # noqa: E402
-from _models import register_oracle  # noqa: E402
+from _models import load_tool, register_oracle  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -124,9 +123,7 @@ def lvis_root(tmp_path, monkeypatch):
 
 
 def test_eval_only_reports_lvis_ap(lvis_root):
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net_lvis", ROOT / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net.py", "peft_d2_train_net_lvis")
     config = lvis_root / "oracle.yaml"
     config.write_text(
         "MODEL:\n  META_ARCHITECTURE: PeftD2TestLVISOracle\n  DEVICE: cpu\n  WEIGHTS: ''\n"

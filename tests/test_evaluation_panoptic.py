@@ -3,7 +3,6 @@ fabricated 10x10 images in the COCO panoptic format (PNG + JSON), and its select
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ pytest.importorskip("detectron2")
 pytest.importorskip("torchmetrics")
 
 import torch  # noqa: E402
+from _models import load_tool  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from peft_d2.evaluation import PanopticEvaluator, rgb_to_id  # noqa: E402
@@ -162,9 +162,7 @@ def test_bad_inputs_name_the_problem(dataset, tmp_path):
 
 @pytest.mark.parametrize("etype", ["coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg"])
 def test_train_net_selects_it_by_evaluator_type(dataset, tmp_path, etype):
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net_pq", ROOT / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net.py", "peft_d2_train_net_pq")
     from detectron2.config import get_cfg
 
     cfg = get_cfg()

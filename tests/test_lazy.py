@@ -8,10 +8,8 @@ an adapter file that rebuilds the trained model, --eval-only from it and --resum
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from _models import images, tiny_vit  # noqa: E402
+from _models import images, load_tool, tiny_vit  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
@@ -149,19 +147,12 @@ def test_shipped_configs_build_frozen_models(name, method):
 # ------------------------------------------------------------------------------------------ the script
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("peft_d2_lazy_train_net", ROOT / "tools" / "lazyconfig_train_net.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_script_refuses_an_adapter_for_a_model_without_peft(tmp_path):
     from omegaconf import OmegaConf
 
     from peft_d2.engine import PeftCheckpointer
 
-    script = _load_script()
+    script = load_tool("lazyconfig_train_net.py", "peft_d2_lazy_train_net")
     model = tiny_vit()
     before = _state(model)
     cfg = OmegaConf.create({"train": {"init_checkpoint": str(tmp_path / "never_read.pth"),
@@ -179,8 +170,8 @@ def lazy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lazy")
     generate_split(str(root / "data" / "synthetic"), "A", "train", 6, image_size=64, seed=3)
     generate_split(str(root / "data" / "synthetic"), "A", "val", 2, image_size=64, seed=4, mask_format="polygon")
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(root / "data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DETECTRON2_DATASETS", str(root / "data"))
     # detectron2's setup_logger (in default_setup) stops its loggers propagating, which would hide their records
     # from later tests' caplog: put the flags back afterwards
     loggers = logging.Logger.manager.loggerDict
@@ -190,7 +181,7 @@ def lazy_run(tmp_path_factory):
         base = instantiate(LazyConfig.load(str(TINY)).model.model)
         init = str(root / "base.pth")
         torch.save({"model": base.state_dict()}, init)
-        script = _load_script()
+        script = load_tool("lazyconfig_train_net.py", "peft_d2_lazy_train_net")
         out = root / "out"
         opts = [f"train.init_checkpoint={init}", f"train.output_dir={out}", "train.checkpointer.period=2",
                 "train.seed=1"]
@@ -202,10 +193,7 @@ def lazy_run(tmp_path_factory):
         for name, lg in list(loggers.items()):
             if isinstance(lg, logging.Logger):
                 lg.propagate = propagate.get(name, True)
-        if old is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = old
+        mp.undo()
 
 
 @pytest.mark.slow

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from _models import images, small_rcnn_cfg, tiny_swin
+from _models import detection_batch, images, small_rcnn_cfg, tiny_swin
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import peft_d2.build  # noqa: F401 - registers "PEFT"
@@ -93,16 +92,6 @@ def registered():
     assert "scale" not in METHODS
 
 
-def detection_batch():
-    inst = Instances((64, 64))
-    inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 48.0]]))
-    inst.gt_classes = torch.tensor([1])
-    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
-    masks[0, 8:48, 8:40] = True
-    inst.gt_masks = BitMasks(masks)
-    return [{"image": torch.rand(3, 64, 64) * 255, "instances": inst}]
-
-
 def test_a_method_defined_outside_the_package_runs_end_to_end(registered, tmp_path):
     yaml = tmp_path / "scale.yaml"
     yaml.write_text(
@@ -124,7 +113,7 @@ def test_a_method_defined_outside_the_package_runs_end_to_end(registered, tmp_pa
     opt = build_peft_optimizer(cfg, model)
     model.train()
     with EventStorage(0):
-        loss = sum(model(detection_batch()).values())
+        loss = sum(model(detection_batch(64, (8, 8, 40, 48))).values())
     loss.backward()
     opt.step()
     for n, p in model.named_parameters():

@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from _models import load_tool  # noqa: E402
+
 # pycocotools under numpy 2 warns on every mask decode
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -26,13 +28,6 @@ OPTS = [
     "SOLVER.CHECKPOINT_PERIOD", "20", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
     "SEED", "1",
 ]  # fmt: skip
-
-
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net", ROOT / "tools" / "train_net.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _args(train_net, out_dir, *extra, opts=()):
@@ -52,19 +47,13 @@ def trained(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("d2datasets")
     generate_split(str(data_root / "synthetic"), "A", "train", 16, image_size=64, seed=3)
     generate_split(str(data_root / "synthetic"), "A", "val", 6, image_size=64, seed=3, mask_format="polygon")
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(data_root)
-    try:
-        train_net = _load_train_net()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DETECTRON2_DATASETS", str(data_root))
+        train_net = load_tool()
         train_net.Trainer.log_period = 1
         out_dir = tmp_path_factory.mktemp("train_out")
         results = train_net.main(_args(train_net, out_dir, opts=["SOLVER.MAX_ITER", str(ITERS)]))
         yield train_net, out_dir, results
-    finally:
-        if old is None:
-            os.environ.pop("DETECTRON2_DATASETS", None)
-        else:
-            os.environ["DETECTRON2_DATASETS"] = old
 
 
 @pytest.mark.slow
@@ -120,7 +109,7 @@ def test_semantic_config_trains_and_reports_miou(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def train_net_module():
-    return _load_train_net()
+    return load_tool()
 
 
 def _solver_cfg(train_net_module, **solver):

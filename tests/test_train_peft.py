@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import load_tool
 
 from peft_d2.checkpoint import read_adapter
 from peft_d2.errors import PeftConfigError
@@ -32,13 +32,6 @@ METHODS = ["lora_backbone", "lora_msdeformattn", "adapters_1", "adapters_2", "ad
            "baseline_whole_head"]
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("peft_d2_train_net", ROOT / "tools" / "train_net.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from peft_d2.data.synthetic import generate_split
@@ -46,15 +39,11 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("d2datasets")
     generate_split(str(root / "synthetic"), "B", "train", 8, image_size=64, seed=4)
     generate_split(str(root / "synthetic"), "B", "val", 4, image_size=64, seed=4)
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(root)
-    train_net = _load_train_net()
-    train_net.Trainer.log_period = 1
-    yield train_net, root
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DETECTRON2_DATASETS", str(root))
+        train_net = load_tool()
+        train_net.Trainer.log_period = 1
+        yield train_net, root
 
 
 def train(train_net, method, out_dir, *extra, opts=()):
