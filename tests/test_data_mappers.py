@@ -77,7 +77,8 @@ def _image(d):
 
 def test_known_names():
     assert set(MAPPERS) >= {
-        "coco_instance_lsj", "coco_panoptic_lsj", "mask_former_instance", "mask_former_semantic", "mask_former_panoptic"
+        "coco_instance_lsj", "coco_panoptic_lsj", "mask_former_instance", "mask_former_semantic",
+        "mask_former_panoptic", "tile_instance",
     }  # fmt: skip
     with pytest.raises(ValueError, match="coco_instance_lsj"):
         build_train_mapper(make_cfg("no_such_mapper"))
@@ -139,6 +140,50 @@ def test_mask_former_instance_random_crop_polygons(data):
     for d in data["polygon"]:
         out = mapper(copy.deepcopy(d))
         assert out["image"].shape == (3, 40, 40) and out["instances"].gt_masks.shape[1:] == (40, 40)
+
+
+def _one_crop_cuts_away(mapper_name, **overrides):
+    """A 64 px image with one object in its top-left corner and one in its bottom-right: every 24 px crop misses
+    at least one of them, so the mapper must drop that one instead of returning an all-zero target."""
+    crop = {"INPUT.CROP.ENABLED": True, "INPUT.CROP.TYPE": "absolute", "INPUT.CROP.SIZE": (24, 24), **overrides}
+    mapper = build_train_mapper(make_cfg(mapper_name, **crop))
+    masks = np.zeros((2, SIZE, SIZE), np.uint8)
+    masks[0, 2:8, 2:8] = masks[1, 56:62, 56:62] = 1
+    d = {"file_name": "", "height": SIZE, "width": SIZE, "image_id": 0, "annotations": [
+        {"segmentation": mask_util.encode(np.asfortranarray(m)), "category_id": k, "iscrowd": 0, "bbox": [0, 0, 1, 1],
+         "bbox_mode": 1} for k, m in enumerate(masks)]}
+    seen = set()
+    for _ in range(30):
+        out = mapper(copy.deepcopy(d))
+        inst = out["instances"]
+        assert out["image"].shape[1:] == (24, 24)
+        assert len(inst) <= 1 and (len(inst) == 0 or inst.gt_masks.flatten(1).any(1).all())
+        seen.add(len(inst))
+    return seen
+
+
+def test_instances_cut_away_by_the_crop_are_dropped(monkeypatch):
+    from detectron2.data import detection_utils
+
+    monkeypatch.setattr(detection_utils, "read_image", lambda *a, **k: np.zeros((SIZE, SIZE, 3), np.uint8))
+    monkeypatch.setattr(detection_utils, "check_image_size", lambda *a: None)
+    assert _one_crop_cuts_away("mask_former_instance") >= {0, 1}
+    assert _one_crop_cuts_away("tile_instance", **{"INPUT.RANDOM_FLIP": "both"}) >= {0, 1}
+
+
+def test_tile_instance_keeps_native_scale(data):
+    crop = {"INPUT.CROP.TYPE": "absolute", "INPUT.CROP.SIZE": (32, 32)}
+    mapper = build_train_mapper(make_cfg("tile_instance", **crop))
+    assert [type(a).__name__ for a in mapper.augmentations.augs] == ["RandomCrop"]
+    d = data["rle"][0]
+    out = mapper(copy.deepcopy(d))
+    img = out["image"]
+    assert img.shape == (3, 32, 32)
+    full = _image(d)
+    offsets = [(y, x) for y in range(SIZE - 31) for x in range(SIZE - 31)]
+    assert any(torch.equal(full[:, y : y + 32, x : x + 32], img) for y, x in offsets), "a crop at the image's own scale"
+    jitter = build_train_mapper(make_cfg("tile_instance", **crop, **{"INPUT.MIN_SCALE": 0.5, "INPUT.MAX_SCALE": 2.0}))
+    assert [type(a).__name__ for a in jitter.augmentations.augs] == ["NativeScaleJitter", "RandomCrop"]
 
 
 @pytest.mark.parametrize("fmt", ["rle", "polygon"])

@@ -168,10 +168,11 @@ def load_label_image(filename: str, dtype=int):
         return np.asarray(Image.open(f), dtype=dtype)
 
 
-def _coco_evaluator_kwargs() -> dict:
+def _coco_kwargs(cfg) -> dict:
     # Without detectron2._C, COCOEvaluator falls back to pycocotools by itself; say so up front (no warning).
+    # COCO's AP counts the first maxDets detections of an image: TEST.DETECTIONS_PER_IMAGE (COCO's own is 100).
     has_c = importlib.util.find_spec("detectron2._C") is not None
-    return {} if has_c else {"use_fast_impl": False}
+    return dict({} if has_c else {"use_fast_impl": False}, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
 
 def build_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluators:
@@ -181,7 +182,7 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -
     meta = MetadataCatalog.get(dataset_name)
     etype = getattr(meta, "evaluator_type", None)
     test = cfg.MODEL.MASK_FORMER.TEST
-    coco_kwargs = _coco_evaluator_kwargs()
+    coco_kwargs = _coco_kwargs(cfg)
     evaluators = []
     panoptic_types = ("coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg")
     if etype == "sem_seg" or (etype in ("coco_panoptic_seg", "ade20k_panoptic_seg") and test.SEMANTIC_ON):

@@ -7,6 +7,7 @@ from .mask_former import (
     MaskFormerInstanceDatasetMapper,
     MaskFormerPanopticDatasetMapper,
     MaskFormerSemanticDatasetMapper,
+    TileInstanceDatasetMapper,
 )
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "MaskFormerInstanceDatasetMapper",
     "MaskFormerPanopticDatasetMapper",
     "MaskFormerSemanticDatasetMapper",
+    "TileInstanceDatasetMapper",
 ]
 
 MAPPERS = {
@@ -25,6 +27,7 @@ MAPPERS = {
     "mask_former_instance": MaskFormerInstanceDatasetMapper,
     "mask_former_semantic": MaskFormerSemanticDatasetMapper,
     "mask_former_panoptic": MaskFormerPanopticDatasetMapper,
+    "tile_instance": TileInstanceDatasetMapper,
 }
 
 

@@ -26,12 +26,15 @@ IMAGE_PAD_VALUE = 128  # grey, as the official mappers pad images
 
 
 def flip_augmentation(cfg) -> list[T.Augmentation]:
+    """INPUT.RANDOM_FLIP: 'none', 'horizontal', 'vertical', or 'both' (each direction with probability 1/2, for
+    images without an up, such as microscopy)."""
     mode = cfg.INPUT.RANDOM_FLIP
     if mode == "none":
         return []
-    if mode not in ("horizontal", "vertical"):
-        raise ValueError(f"INPUT.RANDOM_FLIP must be 'none', 'horizontal' or 'vertical', got {mode!r}")
-    return [T.RandomFlip(horizontal=mode == "horizontal", vertical=mode == "vertical")]
+    if mode not in ("horizontal", "vertical", "both"):
+        raise ValueError(f"INPUT.RANDOM_FLIP must be 'none', 'horizontal', 'vertical' or 'both', got {mode!r}")
+    directions = ("horizontal", "vertical") if mode == "both" else (mode,)
+    return [T.RandomFlip(horizontal=d == "horizontal", vertical=d == "vertical") for d in directions]
 
 
 def color_augmentation(cfg) -> list[T.Augmentation]:

@@ -20,6 +20,8 @@ from detectron2.structures import Instances
 
 from .common import (
     IMAGE_PAD_VALUE,
+    color_augmentation,
+    flip_augmentation,
     image_to_tensor,
     pad_to_divisible,
     resize_crop_flip_augmentations,
@@ -27,7 +29,12 @@ from .common import (
     transformed_instance_masks,
 )
 
-__all__ = ["MaskFormerSemanticDatasetMapper", "MaskFormerPanopticDatasetMapper", "MaskFormerInstanceDatasetMapper"]
+__all__ = [
+    "MaskFormerSemanticDatasetMapper",
+    "MaskFormerPanopticDatasetMapper",
+    "MaskFormerInstanceDatasetMapper",
+    "TileInstanceDatasetMapper",
+]
 
 
 def _instances_from_masks(shape, classes: list[int], masks: list[np.ndarray]) -> Instances:
@@ -136,7 +143,8 @@ class MaskFormerPanopticDatasetMapper(_MaskFormerMapperBase):
 
 class MaskFormerInstanceDatasetMapper(_MaskFormerMapperBase):
     """Instance training with MaskFormer augmentation (shortest-edge resize, random crop, colour, flip).
-    Accepts polygon, RLE and bitmask annotations; crowd annotations are dropped."""
+    Accepts polygon, RLE and bitmask annotations; crowd annotations, and instances that the crop cut away
+    entirely (all-zero masks, which would be matched as targets nothing can predict), are dropped."""
 
     category_area_crop = False
 
@@ -151,10 +159,40 @@ class MaskFormerInstanceDatasetMapper(_MaskFormerMapperBase):
         image = aug_input.image
         annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
         masks = transformed_instance_masks(annos, transforms, h0, w0)
-        classes = [int(a["category_id"]) for a in annos]
+        kept = [i for i, m in enumerate(masks) if m.any()]
+        masks = [masks[i] for i in kept]
+        classes = [int(annos[i]["category_id"]) for i in kept]
         image_t = pad_to_divisible(image_to_tensor(image), self.size_divisibility, IMAGE_PAD_VALUE)
         div = self.size_divisibility
         masks_t = [pad_to_divisible(torch.from_numpy(m.astype(np.uint8)), div, 0).numpy() for m in masks]
         dataset_dict["image"] = image_t
         dataset_dict["instances"] = _instances_from_masks(tuple(image_t.shape[-2:]), classes, masks_t)
         return dataset_dict
+
+
+class NativeScaleJitter(T.Augmentation):
+    """Resize by a factor drawn uniformly from [min_scale, max_scale] of the image's own size."""
+
+    def __init__(self, min_scale: float, max_scale: float):
+        super().__init__()
+        self.min_scale, self.max_scale = min_scale, max_scale
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        s = np.random.uniform(self.min_scale, self.max_scale)
+        return T.ResizeTransform(h, w, max(1, round(h * s)), max(1, round(w * s)))
+
+
+class TileInstanceDatasetMapper(MaskFormerInstanceDatasetMapper):
+    """Instance training on native-scale tiles: a scale jitter of INPUT.MIN_SCALE..INPUT.MAX_SCALE times the image's
+    own size (none when both are 1), a random INPUT.CROP.SIZE crop (absolute pixels), colour jitter, flips.
+    For small crowded objects (nuclei), where the unit of training and evaluation is a tile, not an image."""
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        augs: list[T.Augmentation] = []
+        if (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) != (1.0, 1.0):
+            augs.append(NativeScaleJitter(cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE))
+        augs.append(T.RandomCrop("absolute", tuple(cfg.INPUT.CROP.SIZE)))
+        augs += color_augmentation(cfg) + flip_augmentation(cfg)
+        return dict(super().from_config(cfg, is_train), augmentations=augs)

@@ -1,4 +1,5 @@
-"""Dataset registrations: ADE20K panoptic/instance, COCO panoptic with semantic labels, the synthetic domains.
+"""Dataset registrations: ADE20K panoptic/instance, COCO panoptic with semantic labels, the synthetic domains,
+the 2018 Data Science Bowl nuclei.
 
 COCO, LVIS, Cityscapes and ADE20K semantic splits are detectron2 builtins; `register_all_datasets` also wraps
 their loaders with early path checks (peft_d2.data.checks) so that a missing folder reads as one clear error.
@@ -13,6 +14,7 @@ from detectron2.data import DatasetCatalog
 from .ade20k import register_all_ade20k
 from .catalog import guard_registered, replace_registration
 from .coco_panoptic_semseg import register_all_coco_panoptic_semseg
+from .dsb2018 import register_all_dsb2018
 from .synthetic import register_all_synthetic
 
 __all__ = ["datasets_root", "register_all_datasets", "replace_registration", "REGISTERED"]
@@ -33,6 +35,7 @@ def register_all_datasets(root: str | None = None) -> list[str]:
     """
     root = datasets_root() if root is None else root
     names = register_all_ade20k(root) + register_all_coco_panoptic_semseg(root) + register_all_synthetic(root)
+    names += register_all_dsb2018(root)
     guard_registered([n for n in DatasetCatalog.list() if n.startswith(_BUILTIN_PREFIXES)])
     REGISTERED[:] = names
     return names

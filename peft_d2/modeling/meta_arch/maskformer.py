@@ -4,6 +4,8 @@ Training returns weighted losses; inference returns per image "sem_seg" (K, H, W
 ((H, W) int32 ids, segments_info) and/or "instances" (Instances with pred_masks, pred_boxes, scores, pred_classes).
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -112,6 +114,14 @@ class MaskFormer(nn.Module):
         )
         # the official code reads DATASETS.TRAIN[0]; an empty list (a bare test config) gets empty metadata
         metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else "__peft_d2_empty__")
+        most = mf.NUM_OBJECT_QUERIES * sem_seg_head.num_classes
+        if mf.TEST.INSTANCE_ON and cfg.TEST.DETECTIONS_PER_IMAGE > most:
+            logging.getLogger(__name__).warning(
+                f"TEST.DETECTIONS_PER_IMAGE={cfg.TEST.DETECTIONS_PER_IMAGE}, but instance inference ranks "
+                f"(query, class) pairs and can return at most MODEL.MASK_FORMER.NUM_OBJECT_QUERIES x "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES = {mf.NUM_OBJECT_QUERIES} x {sem_seg_head.num_classes} = {most} "
+                "an image: raise the queries for crowded images, or lower TEST.DETECTIONS_PER_IMAGE to silence this."
+            )
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
