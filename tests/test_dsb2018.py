@@ -322,3 +322,31 @@ def test_query_count_capping_detections_is_said():
         assert not records
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.mark.slow
+def test_the_study_runs_on_the_nuclei_at_toy_size(tmp_path, monkeypatch):
+    """tools/benchmark_peft.py --study dsb2018 on the fabricated sample: preparation (cached), pretraining on
+    fluorescence, the learning-rate selection on tissue val tiles, the runs on tissue test tiles, the page."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import benchmark_peft
+
+    src = fabricate(tmp_path / "src")
+    monkeypatch.setenv("PEFT_D2_HOME", str(tmp_path / "home"))
+    prefix = str(tmp_path / "bench")
+    argv = ["--study", "dsb2018", "--data", str(src), "--smoke", "--pretrain-iters", "2", "--finetune-iters", "2",
+            "--seeds", "0", "1", "--methods", "full_finetune", "lora_backbone", "--lr-scales", "1",
+            "--max-extensions", "0", "--output", prefix]
+    raw = benchmark_peft.main(argv)
+    assert raw["study"]["name"] == "dsb2018" and raw["study"]["target"] == "tissue"
+    assert {r["dataset"] for r in raw["selection"]} == {"dsb2018_tissue_val_tiles"}
+    assert {r["dataset"] for r in raw["runs"]} == {"dsb2018_tissue_test_tiles"}
+    page = Path(prefix + ".md").read_text()
+    assert page.startswith("# DSB 2018 nuclei transfer benchmark (fluorescence -> tissue)")
+    assert "## Results on tissue test" in page and "on fluorescence val (" in page
+    with pytest.raises(SystemExit):
+        benchmark_peft.main(["--study", "dsb2018", "--data", str(src), "--source", "purple"])
+    with pytest.raises(SystemExit):
+        benchmark_peft.main(["--study", "dsb2018"])  # no --data

@@ -1,5 +1,5 @@
-"""The synthetic study: its statistics and decision rules (peft_d2/study.py), the benchmark's learning-rate
-rule and page (tools/benchmark_peft.py), and one end-to-end run of the benchmark and the demo at toy size."""
+"""The studies' statistics and decision rules (peft_d2/study/rules.py), the engine's learning-rate rule, the page
+(peft_d2/study/report.py), and one end-to-end run of the benchmark and the demo at toy size."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from peft_d2 import study
+from peft_d2.study import engine, report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -122,30 +123,24 @@ def _raw(tmp_path):
 
 
 def test_learning_rate_rule_picks_the_best_val_ap_and_the_smaller_scale_on_ties():
-    import benchmark_peft
-
     runs = [{"method": "a", "lr_scale": 3.0, "AP": 30.0}, {"method": "a", "lr_scale": 1.0, "AP": 30.0},
             {"method": "a", "lr_scale": 0.3, "AP": 29.0}, {"method": "b", "lr_scale": 0.3, "AP": 10.0},
             {"method": "b", "lr_scale": 3.0, "AP": 11.0}]
-    assert benchmark_peft.choose(runs) == {"a": 1.0, "b": 3.0}
+    assert engine.choose(runs) == {"a": 1.0, "b": 3.0}
 
 
 def test_learning_rate_search_steps_beyond_the_edge_it_chose():
-    import benchmark_peft
-
     def runs(method, aps):
         return [{"method": method, "lr_scale": s, "AP": ap} for s, ap in aps]
 
     sel = (runs("up", ((0.3, 1.0), (1.0, 2.0), (3.0, 3.0))) + runs("down", ((0.3, 3.0), (1.0, 2.0), (3.0, 1.0)))
            + runs("inside", ((0.3, 1.0), (1.0, 3.0), (3.0, 1.0))) + runs("ladder_end", ((10.0, 1.0), (30.0, 3.0))))
-    assert benchmark_peft.extensions(sel) == {"up": 10.0, "down": 0.1}
+    assert engine.extensions(sel) == {"up": 10.0, "down": 0.1}
 
 
 def test_learning_rate_search_finds_an_optimum_beyond_the_starting_grid():
     """A fake plan whose B val AP peaks at x10: the search steps to 10, then to 30, and stops with 10 inside."""
     import math
-
-    import benchmark_peft
 
     class Plan:
         calls = []
@@ -156,15 +151,15 @@ def test_learning_rate_search_finds_an_optimum_beyond_the_starting_grid():
                     for m, seed, s, split in runs]
 
     plan = Plan()
-    sel = benchmark_peft.select(plan, ["m"], [0.3, 1.0, 3.0], max_extensions=2)
+    sel = engine.select(plan, ["m"], [0.3, 1.0, 3.0], max_extensions=2)
     assert [r["lr_scale"] for r in sel] == [0.3, 1.0, 3.0, 10.0, 30.0]
-    assert {r["split"] for r in sel} == {"val"} and {r["seed"] for r in sel} == {benchmark_peft.SELECTION_SEED}
-    assert benchmark_peft.choose(sel) == {"m": 10.0} and len(plan.calls) == 3
+    assert {r["split"] for r in sel} == {"val"} and {r["seed"] for r in sel} == {engine.SELECTION_SEED}
+    assert engine.choose(sel) == {"m": 10.0} and len(plan.calls) == 3
     raw = {"selection": sel, "runs": [], "selected_lr_scale": {"m": 10.0}}
-    assert benchmark_peft.edge_note(raw).startswith("Every chosen scale lies inside")
-    capped = benchmark_peft.select(Plan(), ["m"], [0.3, 1.0, 3.0], max_extensions=0)
+    assert report.edge_note(raw).startswith("Every chosen scale lies inside")
+    capped = engine.select(Plan(), ["m"], [0.3, 1.0, 3.0], max_extensions=0)
     raw = {"selection": capped, "runs": [{**capped[0], "diverged": True}], "selected_lr_scale": {"m": 3.0}}
-    note = benchmark_peft.edge_note(raw)
+    note = report.edge_note(raw)
     assert "edge of the range searched" in note and "m (x3)" in note and "Diverged" in note
 
 
@@ -191,7 +186,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         demo.parse_args(["--seeds", "1", "1"])
     with pytest.raises(SystemExit):
-        benchmark_peft.main(["--seeds", "0", str(benchmark_peft.SELECTION_SEED)])
+        benchmark_peft.main(["--seeds", "0", str(engine.SELECTION_SEED)])
 
 
 @pytest.mark.slow
@@ -209,14 +204,14 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
                                "--output", prefix])
     assert len(raw["selection"]) == 6 and len(raw["runs"]) == 6
     assert {r["split"] for r in raw["selection"]} == {"val"} and {r["split"] for r in raw["runs"]} == {"test"}
-    assert raw["selected_lr_scale"] == benchmark_peft.choose(raw["selection"])
+    assert raw["selected_lr_scale"] == engine.choose(raw["selection"])
     for r in raw["runs"]:
         assert r["lr_scale"] == raw["selected_lr_scale"][r["method"]]
     lora = next(r for r in raw["runs"] if r["method"] == "lora_backbone")
     full = next(r for r in raw["runs"] if r["method"] == "full_finetune")
     assert lora["trainable"] < full["trainable"] == full["total"] and lora["checkpoint_mib"] < full["checkpoint_mib"]
     assert Path(prefix + ".md").exists() and Path(prefix + ".png").exists()
-    runs_dir = next((tmp_path / "home" / "demo").glob("runs-*"))
+    runs_dir = next((tmp_path / "home" / "synthetic").glob("runs-*"))
     before = sorted(os.listdir(runs_dir))
 
     out = tmp_path / "demo"
@@ -235,16 +230,12 @@ def test_benchmark_then_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsy
     assert served["adapters_apart"] > 1e-3  # the two files predict differently: a mix-up would be seen
 
 
-def test_progress_line_waits_for_the_first_logged_iteration(tmp_path, capsys):
+def test_progress_line_waits_for_the_first_logged_iteration(tmp_path):
     """The pretraining progress line reads the run's metrics.json, which exists (empty) before the first
     iteration is logged: that is no error, and once a row is there the line shows it."""
-    import demo
-
     (tmp_path / "spec.json").write_text(json.dumps({"config": "configs/x.yaml"}))
     (tmp_path / "max_iter.json").write_text(json.dumps({"max_iter": 100}))
     (tmp_path / "metrics.json").write_text("")
-    demo._print_iteration("pretraining", str(tmp_path))
-    assert capsys.readouterr().out == ""
+    assert engine.iteration_text("pretraining", str(tmp_path)) is None
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 19, "time": 0.5}) + "\n")
-    demo._print_iteration("pretraining", str(tmp_path))
-    assert "iteration 20/100, ETA 0.7 min" in capsys.readouterr().out
+    assert "iteration 20/100, ETA 0.7 min (" in engine.iteration_text("pretraining", str(tmp_path))

@@ -1,25 +1,27 @@
-"""The synthetic transfer benchmark: every method, paired seeds, learning rates chosen on B val, verdicts.
+"""A transfer benchmark: every method, paired seeds, learning rates chosen on the target's val split, verdicts.
 
-    python tools/benchmark_peft.py                # every method, 5 seeds: ~50-75 min on 2 CPU cores (base cached)
+    python tools/benchmark_peft.py                # the synthetic study: 17 methods x 5 seeds, ~50-75 min on 2 cores
+    python tools/benchmark_peft.py --study dsb2018 --data ROOT --source fluorescence --target tissue
     python tools/benchmark_peft.py --report-only  # rewrite the page from the committed raw results
 
+Studies (peft_d2/study/studies.py): `synthetic` (generated textures, domain A -> B) and `dsb2018` (the 2018 Data
+Science Bowl nuclei under ROOT, official layout: any two imaging kinds its preparation finds).
+
 The protocol (fixed before any result; the README's "Decision rules" states the claims' rules):
-1. the base is the demo's domain-A model (tools/demo.py; cached per machine, pretrained once);
-2. every method (ALL_METHODS of tools/demo.py, "scratch" included) gets the same iteration budget (the
-   fine-tuning config's SOLVER.MAX_ITER) and the same learning-rate search: every learning rate of its config
-   multiplied by a scale from LR_LADDER, starting with LR_SCALES. One run per scale with the selection seed
-   (SELECTION_SEED), scored on B val; the scale with the highest B val AP wins (ties: the smaller scale). When
-   the winner is the largest (smallest) scale tried, the next rung of the ladder above (below) is run too, up
-   to MAX_EXTENSIONS times, so that the winner lies inside the searched range wherever the ladder allows. A
-   run whose loss diverges scores 0 AP;
+1. the base is pretrained on the source domain once per machine (cached, resumable);
+2. every method (peft_d2.study.studies.METHODS, "scratch" included) gets the same iteration budget (the
+   fine-tuning config's SOLVER.MAX_ITER) and the same learning-rate search (peft_d2/study/engine.py): every
+   learning rate of its config multiplied by a scale from LR_LADDER, starting with LR_SCALES, one run per scale
+   with the selection seed scored on the target's val split, the best scale wins (ties: the smaller), extended
+   beyond the edge of the range tried at most MAX_EXTENSIONS times; a diverged run scores 0 AP;
 3. at its chosen scale, every method runs with each reporting seed (0..4 by default; seed s is shared by all
-   methods: data order and the initialisation of new modules) and is scored on B test, which nothing was
-   tuned on;
+   methods: data order and the initialisation of new modules) and is scored on the target's test split, which
+   nothing was tuned on;
 4. the page reports mean AP with 95% t intervals, each method's paired difference to full fine-tuning with
    its interval, the study's checks and the verdict of each claim by peft_d2.study's rules.
 
-Finished runs are cached (resumable); docs/benchmark_synthetic.json holds every raw run, and
-docs/benchmark_synthetic.md and docs/benchmark_synthetic.png are generated from it.
+Finished runs are cached (resumable); docs/<page>.json holds every raw run, and docs/<page>.md and
+docs/<page>.png are generated from it.
 """
 
 from __future__ import annotations
@@ -33,197 +35,108 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-LR_SCALES = (0.3, 1.0, 3.0)  # the starting grid
-LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # where the search may go
-MAX_EXTENSIONS = 2
-SELECTION_SEED = 100
-DOCS = os.path.join(demo.ROOT, "docs")
+from peft_d2.study import report, studies  # noqa: E402
+from peft_d2.study.cache import ROOT  # noqa: E402
+from peft_d2.study.engine import (  # noqa: E402
+    LR_LADDER,
+    LR_SCALES,
+    MAX_EXTENSIONS,
+    SELECTION_SEED,
+    Plan,
+    choose,
+    select,
+)
 
-
-def choose(selection_runs):
-    """{method: lr scale with the highest B val AP (ties: the smaller)} from the selection runs."""
-    best = {}
-    for r in sorted(selection_runs, key=lambda r: r["lr_scale"]):
-        if r["method"] not in best or r["AP"] > best[r["method"]]["AP"]:
-            best[r["method"]] = r
-    return {m: r["lr_scale"] for m, r in best.items()}
+DOCS = os.path.join(ROOT, "docs")
 
 
-def extensions(selection_runs, ladder=LR_LADDER) -> dict:
-    """{method: the next scale to try} for every method whose best scale is the largest or smallest one it has
-    tried and has a further rung on the ladder in that direction (the rung just beyond the range tried)."""
-    tried = {}
-    for r in selection_runs:
-        tried.setdefault(r["method"], set()).add(r["lr_scale"])
-    out = {}
-    for m, best in choose(selection_runs).items():
-        above = [x for x in ladder if x > max(tried[m])]
-        below = [x for x in ladder if x < min(tried[m])]
-        if best == max(tried[m]) and above:
-            out[m] = above[0]
-        elif best == min(tried[m]) and below:
-            out[m] = below[-1]
-    return out
-
-
-def select(plan, methods, scales, max_extensions=MAX_EXTENSIONS, ladder=LR_LADDER):
-    """The learning-rate search on B val (the protocol's step 2); returns every selection run."""
-    selection = plan.run_many([(m, SELECTION_SEED, s, "val") for m in methods for s in scales])
-    for i in range(max_extensions):
-        more = extensions(selection, ladder)
-        if not more:
-            break
-        print(f"   extending the search at the grid's edge ({i + 1}/{max_extensions}): "
-              + ", ".join(f"{m} x{s:g}" for m, s in more.items()), flush=True)
-        selection += plan.run_many([(m, SELECTION_SEED, s, "val") for m, s in more.items()])
-    return selection
-
-
-def write_page(raw, out_prefix):
-    """docs page + plot from the raw results (nothing else goes into them)."""
-    runs = [r for r in raw["runs"] if r["split"] == "test"]
-    rows, checks, verdicts = demo.summarise(runs)
-    text = demo.table(rows)
-    sel = raw["selection"]
-    tried = sorted({r["lr_scale"] for r in sel})
-    sel_rows = "\n".join(
-        f"| {m} | " + " | ".join(
-            next((f"{r['AP']:.1f}" for r in sel if r["method"] == m and r["lr_scale"] == s), "")
-            for s in tried) + f" | {raw['selected_lr_scale'][m]:g} |"
-        for m in raw["methods"])
-    base = raw["base"]
-    curve = ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in base["curve"])
-    lines = [
-        "# Synthetic transfer benchmark",
-        "",
-        "Generated by `tools/benchmark_peft.py` from `docs/benchmark_synthetic.json` (the raw result of every run);",
-        "do not edit by hand. The protocol is in the tool's docstring, the decision rules in the README.",
-        "",
-        f"- command: `{raw['command']}`",
-        f"- date: {raw['date']}; machine: {raw['machine']}; duration: {raw['duration_min']:.0f} min",
-        f"- commit: {raw['commit']}",
-        f"- data: {json.dumps(raw['data'])}",
-        f"- base: mask AP **{base['AP']:.1f}** on A val ({raw['data']['num_val']['A']} images) after "
-        f"{base['iterations']} iterations; learning curve (iteration: AP) {curve}",
-        f"- fine-tuning: {runs[0]['iterations']} iterations for every method; learning-rate scales "
-        f"{list(raw['lr_scales'])} x each config's rates, extended along {raw.get('lr_ladder', '(no ladder)')} "
-        f"where the best sat at an edge (at most {raw.get('max_extensions', 0)} times), chosen on B val with "
-        f"seed {raw['selection_seed']}; "
-        f"reported on B test ({raw['data']['num_test']['B']} images) over seeds {raw['seeds']}",
-        "",
-        "## Results on B test",
-        "",
-        f"Mean mask AP with its 95% t interval over the {len(raw['seeds'])} seeds; the paired difference to full "
-        "fine-tuning is taken seed by seed. `step / full` is the training step time against full fine-tuning "
-        "(CPU, two runs side by side); `file MiB` is what must be shipped: the adapter file, or the whole "
-        "model's weights for full fine-tuning and scratch.",
-        "",
-        text,
-        "",
-        "![AP against trainable parameters](benchmark_synthetic.png)",
-        "",
-        "## Checks",
-        "",
-        *[f"- **{'pass' if ok else 'FAIL'}**: {name}. {ev}" for name, ok, ev in checks],
-        "",
-        "## Verdicts",
-        "",
-        "| claim | verdict | rule | evidence |",
-        "|---|---|---|---|",
-        *[f"| {v.claim} | **{v.verdict}** | {v.rule} | {v.evidence} |" for v in verdicts.values()],
-        "",
-        "## Learning-rate selection (B val AP, selection seed)",
-        "",
-        "| method | " + " | ".join(f"x{s:g}" for s in tried) + " | chosen |",
-        "|---|" + "---|" * (len(tried) + 1),
-        sel_rows,
-        "",
-        edge_note(raw),
-        "",
-    ]
-    with open(out_prefix + ".md", "w") as f:
-        f.write("\n".join(lines))
-    demo.plot(rows, out_prefix + ".png", f"Synthetic transfer benchmark ({len(raw['seeds'])} paired seeds)")
-    return text, checks, verdicts
-
-
-def edge_note(raw) -> str:
-    """Names the methods whose chosen scale is still the largest or smallest one tried: their optimum may lie
-    outside the searched range, which the reader must know."""
-    tried = {}
-    for r in raw["selection"]:
-        tried.setdefault(r["method"], set()).add(r["lr_scale"])
-    edge = [f"{m} (x{c:g})" for m, c in raw["selected_lr_scale"].items() if c in (min(tried[m]), max(tried[m]))]
-    text = ("Every chosen scale lies inside the range searched for its method." if not edge else
-            "Chosen at the edge of the range searched (the best learning rate may lie beyond it): "
-            + ", ".join(edge) + ".")
-    diverged = [f"{r['method']} x{r['lr_scale']:g} seed {r['seed']} ({r['split']})"
-                for r in raw["selection"] + raw["runs"] if r.get("diverged")]
-    return text + (" Diverged (scored 0 AP): " + ", ".join(diverged) + "." if diverged else "")
-
-
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=demo.ALL_METHODS)
+    parser.add_argument("--study", choices=studies.STUDIES, default="synthetic")
+    parser.add_argument("--data", help="dsb2018: the downloaded set (a folder holding stage1_train/)")
+    parser.add_argument("--source", default="fluorescence", help="dsb2018: the imaging kind the base is trained on")
+    parser.add_argument("--target", default="tissue", help="dsb2018: the imaging kind it is fine-tuned on")
+    parser.add_argument("--methods", nargs="+", default=list(studies.METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lr-scales", nargs="+", type=float, default=list(LR_SCALES),
                         help="the starting learning-rate grid (multipliers of each config's rates), on the ladder")
     parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS,
                         help="how often the search may step beyond the edge of the range tried")
-    parser.add_argument("--output", default=os.path.join(DOCS, "benchmark_synthetic"),
-                        help="prefix of the .json/.md/.png it writes")
+    parser.add_argument("--output", help="prefix of the .json/.md/.png it writes (default: docs/<the study's page>)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from <output>.json")
     parser.add_argument("--smoke", action="store_true", help="toy data and sizes: the test suite's run")
     parser.add_argument("--pretrain-iters", type=int)
     parser.add_argument("--finetune-iters", type=int)
     args = parser.parse_args(argv)
-    if args.report_only:
-        raw = json.load(open(args.output + ".json"))
-        text, checks, verdicts = write_page(raw, args.output)
-        print(text)
-        return raw
-    unknown = [m for m in args.methods if m not in demo.ALL_METHODS]
+    if args.study == "dsb2018" and not args.data and not args.report_only:
+        parser.error("--study dsb2018 needs --data ROOT: the folder that holds stage1_train/ (datasets/README.md)")
+    unknown = [m for m in args.methods if m not in studies.METHODS]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {demo.ALL_METHODS}")
+        parser.error(f"--methods: unknown {unknown}; choose from {list(studies.METHODS)}")
     if len(args.seeds) < 2 or SELECTION_SEED in args.seeds:
         parser.error(f"--seeds: give at least two seeds, none of them the selection seed {SELECTION_SEED}")
     off = [x for x in args.lr_scales if x not in LR_LADDER]
     if off:
         parser.error(f"--lr-scales: {off} are not on the ladder {LR_LADDER}")
-    t0 = time.perf_counter()
-    plan = demo.Plan(args.smoke, args.pretrain_iters, args.finetune_iters, args.workers)
-    base = plan.pretrain()
-    print(f"base model: mask AP {base['AP']:.1f} on A val", flush=True)
+    return parser, args
 
-    print(f"1. learning-rate selection on B val: {len(args.methods)} methods x scales {args.lr_scales}", flush=True)
+
+def make_study(parser, args) -> studies.Study:
+    if args.study == "synthetic":
+        return studies.synthetic(args.smoke)
+    try:
+        # --smoke: a few-shot split of 2 images, so that a small sample still has test images
+        fewshot = 2 if args.smoke else studies.DSB_FEWSHOT
+        return studies.dsb2018(args.data, args.source, args.target, smoke=args.smoke, fewshot=fewshot)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    if args.report_only:
+        output = args.output or os.path.join(DOCS, "benchmark_synthetic" if args.study == "synthetic" else
+                                             "benchmark_dsb2018")  # fmt: skip
+        raw = json.load(open(output + ".json"))
+        text, checks, verdicts = report.write_page(raw, output)
+        print(text)
+        return raw
+    t0 = time.perf_counter()
+    study = make_study(parser, args)
+    output = args.output or os.path.join(DOCS, study.page)
+    plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers)
+    base = plan.pretrain()
+    print(f"base model: mask AP {base['AP']:.1f} on {study.source} val", flush=True)
+
+    print(f"1. learning-rate selection on {study.target} val: {len(args.methods)} methods x scales "
+          f"{args.lr_scales}", flush=True)  # fmt: skip
     selection = select(plan, args.methods, args.lr_scales, args.max_extensions)
     scales = choose(selection)
     print(f"chosen scales: {scales}", flush=True)
 
-    print(f"2. reporting runs on B test: {len(args.methods)} methods x seeds {args.seeds}", flush=True)
+    print(f"2. reporting runs on {study.target} test: {len(args.methods)} methods x seeds {args.seeds}", flush=True)
     runs = plan.run_many([(m, s, scales[m], "test") for m in args.methods for s in args.seeds])
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=demo.ROOT).stdout.strip()
+                            cwd=ROOT).stdout.strip()  # fmt: skip
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=demo.ROOT).stdout.strip()
+                           text=True, cwd=ROOT).stdout.strip()  # fmt: skip
     raw = {
         "command": "python tools/benchmark_peft.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "commit": commit + (" (with local changes)" if dirty else ""),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU" if not _cuda() else "CUDA",
-        "duration_min": (time.perf_counter() - t0) / 60, "data": plan.data, "base": base,
+        "duration_min": (time.perf_counter() - t0) / 60, "study": study.info(), "data": plan.data, "base": base,
         "methods": args.methods, "seeds": args.seeds, "selection_seed": SELECTION_SEED,
         "lr_scales": args.lr_scales, "lr_ladder": list(LR_LADDER), "max_extensions": args.max_extensions,
         "selected_lr_scale": scales, "selection": selection, "runs": runs,
-    }
-    with open(args.output + ".json", "w") as f:
+    }  # fmt: skip
+    with open(output + ".json", "w") as f:
         json.dump(raw, f, indent=1)
-    text, checks, verdicts = write_page(raw, args.output)
-    print(f"\n{text}\n\n{demo.checks_and_verdicts_text(checks, verdicts)}\n\nwrote {args.output}.{{json,md,png}}")
+    text, checks, verdicts = report.write_page(raw, output)
+    print(f"\n{text}\n\n{report.checks_and_verdicts_text(checks, verdicts)}\n\nwrote {output}.{{json,md,png}}")
     return raw
 
 

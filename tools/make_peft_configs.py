@@ -19,6 +19,7 @@ BASES = {
     "lvis/peft": "../instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml",
     "synthetic/peft": "../maskformer2_swin_micro_bs4_B.yaml",
     "synthetic/demo": "../maskformer2_swin_demo_B.yaml",
+    "dsb2018/peft": "../maskformer2_swin_dsb2018_tissue.yaml",
 }
 
 HEAD_SITES = '["msdeform_attn", "decoder_self_attn", "decoder_cross_attn"]'

@@ -1,4 +1,4 @@
-"""Statistics and decision rules of the synthetic transfer study (tools/benchmark_peft.py, tools/demo.py).
+"""Statistics and decision rules of the transfer studies (tools/benchmark_peft.py, tools/demo.py).
 
 The study is paired: fine-tuning seed s is shared by every method (data order and the initialisation of new
 modules), so a difference between two methods is taken seed by seed and its interval is that of the mean
