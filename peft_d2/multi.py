@@ -462,11 +462,13 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base alone inside the block, whatever the inputs name."""
+    """Run the base alone inside the block, whatever the inputs name. Blocks nest: the state before the block
+    comes back when it exits."""
+    before = getattr(model, "peft_disabled", False)
     model.peft_disabled = True
     token = _ROUTE.set(None)
     try:
         yield
     finally:
         _ROUTE.reset(token)
-        model.peft_disabled = False
+        model.peft_disabled = before

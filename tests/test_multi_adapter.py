@@ -218,3 +218,20 @@ def test_refusals_leave_the_model_unchanged(swin_files, tmp_path):
         peft_d2.set_adapter(serve, "roads")
     with pytest.raises(KeyError, match="'roads'"), multi.route(serve, ["roads"]):
         pass
+
+
+def test_nested_disable_adapters_restores_the_outer_block(swin_files):
+    _, paths = swin_files
+    serve = tiny_swin()
+    x = images(2)
+    with torch.no_grad():
+        base = serve(x)["p1"]
+        peft_d2.load_adapters(serve, {"lora": paths["lora"]})
+        peft_d2.set_adapter(serve, "lora")
+        adapted = serve(x)["p1"]
+        assert not torch.allclose(adapted, base, **TOL)
+        with peft_d2.disable_adapters(serve):
+            with peft_d2.disable_adapters(serve):
+                torch.testing.assert_close(serve(x)["p1"], base, **TOL)
+            torch.testing.assert_close(serve(x)["p1"], base, **TOL)  # still the outer block: the base
+        torch.testing.assert_close(serve(x)["p1"], adapted, **TOL)
