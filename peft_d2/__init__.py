@@ -21,6 +21,6 @@ __all__ = [
     "LoRAConfig", "AdapterConfig", "inject", "mark_trainable", "parameter_report", "format_report",
     "print_trainable_parameters", "merge", "unmerge", "merge_lora", "unmerge_lora",
 ]
-from .multi import disable_adapters, load_adapters, set_adapter  # noqa: E402
+from .multi import disable_adapters, load_adapters, set_adapter, use_adapter  # noqa: E402
 
-__all__ += ["load_adapters", "set_adapter", "disable_adapters"]
+__all__ += ["load_adapters", "set_adapter", "use_adapter", "disable_adapters"]

@@ -3,9 +3,16 @@
     model = build_base_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS); model.eval()
     peft_d2.load_adapters(model, {"cells": "cells.safetensors", "roads": "roads.safetensors"})
     model([{"image": a, "adapter": "cells"}, {"image": b, "adapter": "roads"}, {"image": c}])  # c: the base
-    peft_d2.set_adapter(model, "roads")          # images that name no adapter use "roads"
-    with peft_d2.disable_adapters(model):        # the base alone
+    peft_d2.set_adapter(model, "roads")          # images that name no adapter use "roads" (model-wide)
+    with peft_d2.use_adapter(model, "cells"):    # ... or "cells", in this thread only
         model(batch)
+    with peft_d2.disable_adapters(model):        # the base alone, in this thread only
+        model(batch)
+
+Concurrency: what one forward pass routes is decided by its inputs and by `route`, `use_adapter` and
+`disable_adapters` blocks, all held in context variables: per thread (and asyncio task), so threads serving
+requests at once never see each other's choices. `set_adapter` and `load_adapters` change the model itself, for
+every thread: call them before serving.
 
 Each file is checked against the base (its fingerprint) by injecting it, with `peft_d2.inject`, into a copy of
 the base that shares the base's tensors; from that copy the serving model keeps only each adapter's own
@@ -412,40 +419,63 @@ def _routed_prefix_class(base: type) -> type:
 
 
 # ------------------------------------------------------------------------------------------ routing
+# Everything a forward pass reads to route its images lives in context variables: per thread and per asyncio task,
+# like the route itself, so requests served in threads never see each other's choices. Models are keyed by id().
+_DISABLED = contextvars.ContextVar("peft_d2_disabled", default=frozenset())  # models inside disable_adapters
+_DEFAULTS = contextvars.ContextVar("peft_d2_defaults", default=())  # (model, adapter) of use_adapter blocks
+_PASSES = contextvars.ContextVar("peft_d2_passes", default=())  # per root forward under way: its _ROUTE token
+_KEEP = object()  # the pre-hook leaves the route as it is (e.g. tensors under `route`)
+
+
 def _root_pre_hook(model, args, kwargs):
-    if getattr(model, "peft_disabled", False):
-        return None
-    inputs = args[0] if args else next(iter(kwargs.values()), None)
-    names = list(model.peft_adapters)
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, dict) for x in inputs):
-        wanted = [x.get("adapter", model.peft_active_adapter) for x in inputs]
-    elif model.peft_active_adapter is not None and torch.is_tensor(inputs):
-        wanted = [model.peft_active_adapter] * inputs.shape[0]
-    else:
-        return None
-    unknown = sorted({w for w in wanted if w is not None and w not in names})
-    if unknown:
-        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
-    slots = torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long)
-    model._peft_route_token = _ROUTE.set(_Route(slots, names))
+    _PASSES.set((*_PASSES.get(), None))  # popped by _root_hook, which runs even when this hook raises
+    route = _request_route(model, args[0] if args else next(iter(kwargs.values()), None))
+    if route is not _KEEP:
+        _PASSES.set((*_PASSES.get()[:-1], _ROUTE.set(route)))
     return None
 
 
+def _request_route(model, inputs):
+    """The _Route of a forward pass on `inputs` (None: the base alone; _KEEP: the route already set)."""
+    if id(model) in _DISABLED.get():
+        return None
+    defaults = dict(_DEFAULTS.get())  # the innermost block last
+    default = defaults[id(model)] if id(model) in defaults else model.peft_active_adapter
+    names = list(model.peft_adapters)
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, dict) for x in inputs):
+        wanted = [x.get("adapter", default) for x in inputs]
+    elif default is not None and torch.is_tensor(inputs):
+        wanted = [default] * inputs.shape[0]
+    else:
+        return _KEEP
+    unknown = sorted({w for w in wanted if w is not None and w not in names})
+    if unknown:
+        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
+    return _Route(torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long), names)
+
+
 def _root_hook(model, args, output):
-    token = model.__dict__.pop("_peft_route_token", None)
-    if token is not None:
-        _ROUTE.reset(token)
+    passes = _PASSES.get()
+    if passes:
+        _PASSES.set(passes[:-1])
+        if passes[-1] is not None:
+            _ROUTE.reset(passes[-1])
     return output
+
+
+def _check_loaded(model, names):
+    loaded = list(getattr(model, "peft_adapters", {}))
+    unknown = sorted({n for n in names if n is not None and n not in loaded})
+    if unknown:
+        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {loaded}")
 
 
 @contextlib.contextmanager
 def route(model: nn.Module, adapters: list):
     """Route a forward pass whose inputs are not detectron2 dicts (e.g. a backbone on an (N, C, H, W)
-    tensor): image n uses adapters[n] (None: the base)."""
+    tensor): image n uses adapters[n] (None: the base). In this thread (or asyncio task) only."""
+    _check_loaded(model, adapters)
     names = list(model.peft_adapters)
-    unknown = sorted({a for a in adapters if a is not None and a not in names})
-    if unknown:
-        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
     token = _ROUTE.set(_Route(torch.tensor([-1 if a is None else names.index(a) for a in adapters]), names))
     try:
         yield
@@ -454,21 +484,33 @@ def route(model: nn.Module, adapters: list):
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """The adapter of every image that names none (None: the base)."""
-    if name is not None and name not in getattr(model, "peft_adapters", {}):
-        raise KeyError(f"adapter {name!r} is not loaded; loaded: {list(getattr(model, 'peft_adapters', {}))}")
+    """The model's default adapter, for images that name none (None: the base), in every thread: a setting of
+    the served model, made before serving. To choose per request while other threads serve, name the adapter in
+    the inputs, or use `use_adapter` / `route`."""
+    _check_loaded(model, [name])
     model.peft_active_adapter = name
 
 
 @contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None):
+    """Inside the block, and in this thread (or asyncio task) only, images that name no adapter use `name`
+    (None: the base) instead of the model's default (`set_adapter`). Blocks nest."""
+    _check_loaded(model, [name])
+    token = _DEFAULTS.set((*_DEFAULTS.get(), (id(model), name)))
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
+
+
+@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base alone inside the block, whatever the inputs name. Blocks nest: the state before the block
-    comes back when it exits."""
-    before = getattr(model, "peft_disabled", False)
-    model.peft_disabled = True
+    """Run the base alone inside the block, whatever the inputs name, in this thread (or asyncio task) only:
+    other threads keep their routing. Blocks nest (the state before the block comes back when it exits)."""
+    disabled = _DISABLED.set(_DISABLED.get() | {id(model)})
     token = _ROUTE.set(None)
     try:
         yield
     finally:
         _ROUTE.reset(token)
-        model.peft_disabled = before
+        _DISABLED.reset(disabled)

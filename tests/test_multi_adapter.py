@@ -235,3 +235,81 @@ def test_nested_disable_adapters_restores_the_outer_block(swin_files):
                 torch.testing.assert_close(serve(x)["p1"], base, **TOL)
             torch.testing.assert_close(serve(x)["p1"], base, **TOL)  # still the outer block: the base
         torch.testing.assert_close(serve(x)["p1"], adapted, **TOL)
+
+
+class DictSwin(torch.nn.Module):
+    """tiny_swin behind detectron2-style inputs (a list of dicts with "image", optionally "adapter")."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = tiny_swin()
+
+    def forward(self, batch):
+        return self.backbone(torch.stack([d["image"] for d in batch]))["p1"]
+
+
+def test_threads_serving_at_once_keep_their_own_routing(tmp_path):
+    """One thread inside disable_adapters, others making mixed requests (per-image names, use_adapter) and one
+    relying on the model-wide default: each gets what it asked for, whatever the others do meanwhile."""
+    import threading
+
+    paths = {}
+    for i, (name, config) in enumerate((("a", SWIN_CONFIGS["lora"]), ("c", SWIN_CONFIGS["adapters"]))):
+        model = DictSwin()
+        inject(model, PeftConfig.from_dict(config.to_dict()))
+        paths[name] = ckpt.save_adapter(trained(model, 40 + i), str(tmp_path / f"{name}.safetensors"))
+    serve = DictSwin().eval()
+    x = images(3)
+    with torch.no_grad():
+        base = serve([{"image": t} for t in x])
+        peft_d2.load_adapters(serve, paths)
+        want = {n: serve([{"image": t, "adapter": n} for t in x]) for n in ("a", "c")}
+    want[None] = base
+    assert not torch.allclose(want["a"], base, **TOL) and not torch.allclose(want["c"], base, **TOL)
+    peft_d2.set_adapter(serve, "a")  # the model-wide default, set before serving
+    inside, stop, errors = threading.Event(), threading.Event(), []
+
+    def check(out, names):
+        for i, n in enumerate(names):
+            torch.testing.assert_close(out[i], want[n][i], **TOL)
+
+    def disabled():
+        with torch.no_grad(), peft_d2.disable_adapters(serve):
+            inside.set()
+            while not stop.is_set():
+                check(serve([{"image": x[0], "adapter": "c"}, {"image": x[1]}, {"image": x[2], "adapter": "a"}]),
+                      [None, None, None])
+
+    def mixed(k):
+        inside.wait(10)
+        for j in range(6):
+            names = [("c", "a", None)[(i + j + k) % 3] for i in range(3)]
+            with torch.no_grad():
+                check(serve([{"image": t, "adapter": n} for t, n in zip(x, names)]), names)
+                with peft_d2.use_adapter(serve, "c"):
+                    check(serve([{"image": x[0]}, {"image": x[1], "adapter": None}, {"image": x[2]}]), ["c", None, "c"])
+                check(serve([{"image": t} for t in x]), ["a", "a", "a"])  # the default again after the block
+
+    def run(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            if fn is not disabled:
+                done.append(1)
+                if len(done) == 3:
+                    stop.set()
+
+    done = []
+    threads = [threading.Thread(target=run, args=(disabled,))]
+    threads += [threading.Thread(target=run, args=(mixed, k)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    if errors:
+        raise errors[0]
+    with torch.no_grad():
+        check(serve([{"image": t} for t in x]), ["a", "a", "a"])
