@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import PeftCheckpointError
+from .errors import PeftCheckpointError, PeftConfigError
 from .inject import inject, peft_parameter_names
 from .tuners import METHODS, PeftConfig, get_method
 
@@ -83,7 +83,10 @@ def read_adapter(path: str):
             f"adapter checkpoint {path!r} has format {metadata.get('format')!r}, expected {FORMAT!r} "
             "(write it with peft_d2.checkpoint.save_adapter)"
         )
-    config = PeftConfig.from_dict(json.loads(metadata["peft_config"]))
+    try:
+        config = PeftConfig.from_dict(json.loads(metadata["peft_config"]))
+    except PeftConfigError as e:  # e.g. a method of the user's own, not registered in this process
+        raise PeftCheckpointError(f"adapter checkpoint {path!r}: {e}") from None
     return tensors, metadata, config
 
 

@@ -250,3 +250,32 @@ def test_readme_key_table_is_the_generated_one():
     block = re.search(r"<!-- key table: python -m peft_d2.config -->\n(.*?)\n<!-- end of key table -->", readme, re.S)
     assert block, "README.md lacks the generated MODEL.PEFT key table markers"
     assert block.group(1).strip() == key_table().strip(), "README's key table is stale: python -m peft_d2.config"
+
+
+def test_an_adapter_file_depends_only_on_the_methods_it_uses(registered, tmp_path):
+    """A LoRA file saved while the user's own methods were registered reads where they are not."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_swin()
+    inject(model, PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv"])))
+    path = ckpt.save_adapter(model, str(tmp_path / "lora.safetensors"))
+    written = json.loads(ckpt.read_adapter(path)[1]["peft_config"])
+    assert set(written) == {"methods", "lora", "trainable"}
+    earlier = {**written, "scale": {"targets": [], "init": 0.0}, "adapter": {}}  # every registered method's config
+    unregister_method("scale")
+    unregister_method("failing")
+    try:
+        _, _, config = ckpt.read_adapter(path)
+        assert config.methods == ("lora",) and config.lora.r == 4
+        ckpt.inject_from_checkpoint(tiny_swin(), path)
+        assert PeftConfig.from_dict(earlier) == config
+        used = tmp_path / "scale.safetensors"  # a file that uses a method not registered: the error names both
+        save_file({}, str(used), metadata={**ckpt.read_adapter(path)[1],
+                                           "peft_config": json.dumps({**earlier, "methods": ["lora", "scale"]})})
+        with pytest.raises(ckpt.PeftCheckpointError, match=r"scale.safetensors.*no registered method \['scale'\]"):
+            ckpt.read_adapter(str(used))
+    finally:
+        register_method(ScaleMethod)
+        register_method(FailingMethod())

@@ -1,6 +1,6 @@
 """PEFT methods. Each module holds one method (config, layer math, placement, injection, merging) and
 registers it; importing this package registers the built-in ones, in this order (the order of their
-MODEL.PEFT nodes, of PeftConfig.to_dict and of the optimizer groups)."""
+MODEL.PEFT nodes and of the optimizer groups)."""
 
 from .base import (
     METHODS,

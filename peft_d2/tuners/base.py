@@ -210,16 +210,19 @@ class PeftConfig:
         return getattr(self, name)
 
     def to_dict(self) -> dict:
-        """JSON-ready: {"methods", one entry per registered method, "trainable"} (the adapter file's metadata)."""
-        return {"methods": self.methods,
-                **{n: dataclasses.asdict(getattr(self, n)) for n in METHODS if n in self.__dict__},
+        """JSON-ready: {"methods", one entry per listed method, "trainable"} (the adapter file's metadata). The
+        configs of methods not listed are left out, so a file depends only on the methods it uses."""
+        return {"methods": self.methods, **{n: dataclasses.asdict(getattr(self, n)) for n in self.methods},
                 "trainable": self.trainable}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeftConfig":
-        """Inverse of `to_dict`; methods missing from `d` (files written before they existed) get defaults."""
+        """Inverse of `to_dict`; methods not in `d` get defaults, and the configs of methods `d` does not list
+        are ignored when no such method is registered (files written when every registered method was saved)."""
         d = dict(d)
-        return cls(methods=d.pop("methods", ()), trainable=d.pop("trainable", ()), **d)
+        methods, trainable = d.pop("methods", ()), d.pop("trainable", ())
+        d = {n: c for n, c in d.items() if n in METHODS or n in methods}
+        return cls(methods=methods, trainable=trainable, **d)
 
     def __eq__(self, other):
         return isinstance(other, PeftConfig) and self.to_dict() == other.to_dict()
