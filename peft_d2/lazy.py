@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .config import optim_groups
 from .engine.optim import group_trainable_parameters
 from .errors import PeftConfigError
 from .inject import format_report, inject
@@ -135,27 +136,31 @@ def peft_param_groups(
     base_lr: float,
     weight_decay: float = 0.0,
     weight_decay_norm: float = 0.0,
-    lora_lr: float | None = None,
-    lora_weight_decay: float = 0.0,
-    adapter_lr: float | None = None,
-    adapter_weight_decay: float = 0.0,
     head_lr: float | None = None,
+    **group_settings,
 ) -> list[dict]:
-    """The `params` of a LazyConfig optimizer: the trainable tensors only, in groups "lora", "adapter", "head"
-    and "norm" (`peft_d2.engine.group_trainable_parameters`), like MODEL.PEFT.OPTIM in YACS configs.
+    """The `params` of a LazyConfig optimizer: the trainable tensors only, in one group per registered method's
+    `optim_group` ("lora", "adapter", and those of methods of your own), "head" and "norm"
+    (`peft_d2.engine.group_trainable_parameters`), like MODEL.PEFT.OPTIM in YACS configs.
 
-    A learning rate left at None is `base_lr`; "head" (trainable base parameters) takes `weight_decay`, "norm"
-    (norm layers and biases of trainable base parameters) `weight_decay_norm`, both at `head_lr`. As with
-    detectron2's ``get_default_optimizer_params``, the training script sets ``optimizer.params.model``."""
+    `group_settings` are `<group>_lr` and `<group>_weight_decay` for the methods' groups (``lora_lr=1e-3``);
+    a group's lr defaults to `base_lr`, its weight decay to 0. "head" (trainable base parameters) takes
+    `weight_decay`, "norm" (norm layers and biases of trainable base parameters) `weight_decay_norm`, both at
+    `head_lr` (None: `base_lr`). As with detectron2's ``get_default_optimizer_params``, the training script sets
+    ``optimizer.params.model``."""
     if model is None:
         raise ValueError("peft_param_groups: 'model' is None; set optimizer.params.model to the model first")
+    groups = optim_groups()
+    known = [f"{g}_{k}" for g in groups for k in ("lr", "weight_decay")]
+    unknown = sorted(set(group_settings) - set(known))
+    if unknown:
+        raise PeftConfigError(f"peft_param_groups: unknown argument(s) {unknown}; the registered methods' optimizer "
+                              f"groups take {known}")
+    settings = {g: (base_lr if group_settings.get(f"{g}_lr") is None else group_settings[f"{g}_lr"],
+                    group_settings.get(f"{g}_weight_decay", 0.0)) for g in groups}
     head = base_lr if head_lr is None else head_lr
-    groups = group_trainable_parameters(model, {
-        "lora": (base_lr if lora_lr is None else lora_lr, lora_weight_decay),
-        "adapter": (base_lr if adapter_lr is None else adapter_lr, adapter_weight_decay),
-        "head": (head, weight_decay),
-        "norm": (head, weight_decay_norm),
-    })
+    settings.update({"head": (head, weight_decay), "norm": (head, weight_decay_norm)})
+    groups = group_trainable_parameters(model, settings)
     if not groups:
         raise ValueError("peft_param_groups: the model has no trainable parameters (check peft.methods and "
                          "peft.trainable)")

@@ -279,3 +279,41 @@ def test_an_adapter_file_depends_only_on_the_methods_it_uses(registered, tmp_pat
     finally:
         register_method(ScaleMethod)
         register_method(FailingMethod())
+
+
+def test_a_method_with_its_own_optimizer_group_gets_default_settings_that_users_override():
+    """docs/adding_a_method.md: `optim_group`. The LazyConfig groups default its lr and weight decay."""
+    from peft_d2.lazy import peft_param_groups
+
+    class OwnScale(ChannelScale):
+        peft_method = "own_scale"
+
+    class OwnGroup(ScaleMethod):
+        name, optim_group = "own_scale", "own"
+
+        def apply(self, model, cfg, plan):
+            for _, linear in plan.sites:
+                linear.channel_scale = OwnScale(linear.out_features, cfg.init)
+                linear.register_forward_hook(_scale_hook)
+
+    register_method(OwnGroup)
+    try:
+        lora = tiny_swin()
+        inject(lora, PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv"])))
+        assert [g["name"] for g in peft_param_groups(lora, base_lr=1e-3)] == ["lora"]  # any model, as before
+        model = tiny_swin()
+        inject(model, PeftConfig(methods=("lora", "own_scale"), lora=LoRAConfig(r=4, targets=["*.attn.qkv"]),
+                                 own_scale=ScaleConfig(targets=["*.mlp.fc1"])))
+        groups = {g["name"]: g for g in peft_param_groups(model, base_lr=1e-3, lora_lr=1e-2)}
+        assert (groups["own"]["lr"], groups["own"]["weight_decay"]) == (1e-3, 0.0)  # the defaults
+        assert groups["lora"]["lr"] == 1e-2
+        assert {id(p) for p in groups["own"]["params"]} == {
+            id(p) for n, p in model.named_parameters() if n.endswith("channel_scale.s")}
+        groups = {g["name"]: g for g in peft_param_groups(model, base_lr=1e-3, own_lr=0.5, own_weight_decay=0.1)}
+        assert (groups["own"]["lr"], groups["own"]["weight_decay"]) == (0.5, 0.1)
+        with pytest.raises(PeftConfigError, match=r"unknown argument\(s\) \['ownn_lr'\].*'own_lr'"):
+            peft_param_groups(model, base_lr=1e-3, ownn_lr=0.5)
+        cfg = add_peft_config(small_rcnn_cfg())  # YACS: MODEL.PEFT.OPTIM.OWN_LR / OWN_WEIGHT_DECAY
+        assert cfg.MODEL.PEFT.OPTIM.OWN_LR == 0.0 and "`OPTIM.OWN_LR`" in key_table()
+    finally:
+        unregister_method("own_scale")
