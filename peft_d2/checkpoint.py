@@ -1,9 +1,12 @@
 """Adapter-only checkpoints (the base stays where it is; see docs/design.md) and merged base exports.
 
 An adapter file is safetensors: the PEFT tensors plus every other trainable tensor (heads, norms), and
-string metadata: format, peft_d2 version, the PeftConfig as JSON, and a fingerprint of the base model (a
-hash of its base parameter names and shapes). Loading checks the fingerprint, the names and the shapes
-before it touches the model. Writes go to a temporary file in the same folder, then an atomic rename.
+string metadata: format, peft_d2 version, the PeftConfig as JSON, a fingerprint of the base model (a hash of
+its base parameter names and shapes) and a digest of its values (hashes of a few frozen base tensors), so that
+an adapter never loads silently onto another base of the same shapes. Loading checks the fingerprint, the
+digest, the names and the shapes before it touches the model (`check_base=False`, or MODEL.PEFT.CHECK_BASE
+False on the command line, skips the two base checks). Writes go to a temporary file in the same folder, then
+an atomic rename.
 """
 
 import hashlib
@@ -31,6 +34,29 @@ def base_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
+DIGESTED = 4  # frozen base tensors whose values an adapter file records
+SKIP_CHECK = ("check_base=False in Python, MODEL.PEFT.CHECK_BASE False on the command line (tools/train_net.py, "
+              "tools/merge_adapter.py), train.peft_check_base=False for tools/lazyconfig_train_net.py")
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def base_digest(model: nn.Module, exclude=()) -> dict:
+    """{name: sha256 of its values as float32} of DIGESTED frozen base parameters, evenly spaced in name order,
+    matrices rather than vectors (biases and norms often keep their initial constants). Left out: `exclude` (the
+    tensors an adapter file holds, which training changes), PEFT tensors, and the parameters of layers a method
+    converts in place (merging changes them)."""
+    peft = peft_parameter_names(model)
+    converted = {p for p, m in model.named_modules() if getattr(type(m), "peft_tensor_prefixes", None)}
+    params = dict(model.named_parameters())
+    names = sorted(n for n in params if n not in peft and n not in exclude and n.rpartition(".")[0] not in converted)
+    names = [n for n in names if params[n].dim() > 1] or names
+    picked = sorted({names[round(i * (len(names) - 1) / (DIGESTED - 1))] for i in range(DIGESTED)}) if names else []
+    return {n: _tensor_digest(params[n]) for n in picked}
+
+
 def adapter_state_dict(model: nn.Module) -> dict:
     """The tensors an adapter checkpoint holds: PEFT parameters and buffers, trainable base parameters."""
     peft = peft_parameter_names(model)
@@ -51,6 +77,7 @@ def save_adapter(model: nn.Module, path: str, extra_metadata: dict | None = None
         "peft_d2_version": __version__,
         "peft_config": json.dumps(config.to_dict()),
         "base_fingerprint": base_fingerprint(model),
+        "base_digest": json.dumps(base_digest(model, exclude=tensors)),
         **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()},
     }
     folder = os.path.dirname(os.path.abspath(path))
@@ -90,15 +117,32 @@ def read_adapter(path: str):
     return tensors, metadata, config
 
 
+def _check_base(model: nn.Module, path: str, metadata: dict) -> None:
+    """The base fingerprint (names and shapes) and digest (values) of the file against `model`'s (plain or
+    injected: the base tensors are the same)."""
+    if metadata.get("base_fingerprint") != base_fingerprint(model):
+        raise PeftCheckpointError(
+            f"adapter checkpoint {path!r} was made for another base model (fingerprint of base parameter "
+            f"names and shapes differs); only if you know the bases are compatible, skip the check: {SKIP_CHECK}"
+        )
+    params = dict(model.named_parameters())
+    digest = json.loads(metadata.get("base_digest", "{}"))  # files written before the digest existed have none
+    differ = [n for n, h in digest.items() if n not in params or _tensor_digest(params[n]) != h]
+    if differ:
+        raise PeftCheckpointError(
+            f"adapter checkpoint {path!r} was made for another base model: names and shapes match, but the values "
+            f"of base tensors {differ} differ from those of the base it was trained on. Load that base's weights "
+            f"(MODEL.WEIGHTS) before the adapter; only if this base is the right one (e.g. the same weights "
+            f"converted), skip the check: {SKIP_CHECK}"
+        )
+
+
 def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
     """Load an adapter file into an injected `model`. Every check happens before any tensor is copied, so a
     mismatching file leaves the model untouched. Returns the file's metadata."""
     tensors, metadata, _ = read_adapter(path)
-    if check_base and metadata.get("base_fingerprint") != base_fingerprint(model):
-        raise PeftCheckpointError(
-            f"adapter checkpoint {path!r} was made for another base model (fingerprint of base parameter "
-            "names and shapes differs); pass check_base=False only if you know the bases are compatible"
-        )
+    if check_base:
+        _check_base(model, path, metadata)
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     unknown = [k for k in tensors if k not in params]
     if unknown:
@@ -116,13 +160,16 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
     return metadata
 
 
-def inject_from_checkpoint(model: nn.Module, path: str) -> dict:
-    """Inject the PeftConfig stored in an adapter file into a plain base model, then load its tensors."""
-    tensors, _, config = read_adapter(path)
+def inject_from_checkpoint(model: nn.Module, path: str, check_base: bool = True) -> dict:
+    """Inject the PeftConfig stored in an adapter file into a plain base model (its weights loaded), then load
+    its tensors. The base is checked before the model changes."""
+    tensors, metadata, config = read_adapter(path)
+    if check_base:
+        _check_base(model, path, metadata)  # before the model changes
     inputs = {f"{name}_{key}": value for name in config.methods
               for key, value in get_method(name).inputs_from_adapter_file(tensors).items()}
     report = inject(model, config, **inputs)
-    load_adapter(model, path)
+    load_adapter(model, path, check_base=False)
     return report
 
 

@@ -21,6 +21,8 @@ GENERAL_KEYS = (  # (key, default, doc)
     ("WEIGHTS", "", "an adapter file (safetensors from peft_d2) loaded after `MODEL.WEIGHTS`"),
     ("TRAINABLE", [], "glob patterns over base parameter names that stay trainable (heads, `*norm*`, `*.bias`)"),
     ("FULL_CHECKPOINTS", False, "training checkpoints hold whole models instead of the trainable tensors"),
+    ("CHECK_BASE", True, "an adapter file must fit the base it is loaded onto: names, shapes and a digest of a few "
+     "frozen tensors' values; False skips both checks (a base you know is the right one)"),
 )
 HEAD_LR_DOC = "learning rate of the trainable base parameters (`TRAINABLE`); 0: `SOLVER.BASE_LR`"
 

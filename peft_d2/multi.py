@@ -313,10 +313,11 @@ def _batch_dims(model):
     return dims
 
 
-def load_adapters(model: nn.Module, paths: dict) -> dict:
+def load_adapters(model: nn.Module, paths: dict, check_base: bool = True) -> dict:
     """Load adapter files {name: path}, all made for `model`'s base (a plain, un-injected model with its base
     weights), for routing per image. Returns {name: PeftConfig}. Nothing changes in `model` when a file is
-    refused (wrong base, a method that cannot be routed, heads of another shape)."""
+    refused (wrong base, a method that cannot be routed, heads of another shape). `check_base=False` skips the
+    base checks (peft_d2.checkpoint.load_adapter)."""
     if getattr(model, "peft_config", None) is not None:
         raise PeftConfigError("load_adapters expects the plain base model (it has PEFT modules injected)")
     existing = getattr(model, "peft_adapters", {})
@@ -334,7 +335,7 @@ def load_adapters(model: nn.Module, paths: dict) -> dict:
             raise PeftCheckpointError(f"adapter {name!r} ({path}) uses {refused}, which cannot be routed per image: "
                                       + "; ".join(REFUSED.get(m, "not supported") for m in refused))
         view = _shared_copy(model, set(tensors))
-        inject_from_checkpoint(view, path)  # checks the base fingerprint, names and shapes
+        inject_from_checkpoint(view, path, check_base)  # checks the base (fingerprint, digest), names and shapes
         view.eval()
         peft = peft_parameter_names(view)
         ops = []

@@ -1,12 +1,13 @@
 """Adapter checkpoints: round trip, base fingerprint, bad files, atomic writes, merged export."""
 
+import json
 import os
 
 import pytest
 import torch
 from _models import images, tiny_swin, tiny_vit
 
-from peft_d2 import AdapterConfig, LoRAConfig, PeftCheckpointError, PeftConfig, inject
+from peft_d2 import AdapterConfig, LoRAConfig, PeftCheckpointError, PeftConfig, inject, load_adapters, merge
 from peft_d2 import checkpoint as ckpt
 
 
@@ -115,3 +116,35 @@ def test_merge_with_adapters_is_refused():
     model = trained(tiny_vit, lora_config(num_per_site=1))
     with pytest.raises(PeftCheckpointError, match=r"cannot merge: modules \['blocks.0.attn.adapter.0 \(adapter\)"):
         ckpt.merged_state_dict(model)
+
+
+def test_a_base_of_the_same_shapes_with_other_values_is_refused_and_left_alone(tmp_path):
+    """Names and shapes match, values differ: the digest of a few frozen base tensors tells, before the model
+    changes; the message says how to skip the check, which then loads."""
+    model = trained(tiny_vit, lora_config())
+    path = ckpt.save_adapter(model, str(tmp_path / "a.safetensors"))
+    digest = json.loads(ckpt.read_adapter(path)[1]["base_digest"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(digest) == ckpt.DIGESTED and not set(digest) & trainable  # frozen tensors only
+    assert not any(".attn.qkv." in n or ".mlp.fc2." in n for n in digest)  # LoRA's layers: merging changes them
+    torch.manual_seed(5)
+    other = tiny_vit()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)  # the same base, a little changed: every digested tensor differs
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    message = r"another base model: names and shapes match, but the values.*check_base=False.*MODEL.PEFT.CHECK_BASE"
+    with pytest.raises(PeftCheckpointError, match=message):
+        ckpt.inject_from_checkpoint(other, path)
+    assert getattr(other, "peft_config", None) is None and other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(PeftCheckpointError, match="values of base tensors"):
+        load_adapters(other, {"a": path})
+    assert not hasattr(other, "peft_adapters")
+    ckpt.inject_from_checkpoint(other, path, check_base=False)  # the override
+    assert getattr(other, "peft_config", None) is not None
+    fresh = tiny_vit()
+    ckpt.inject_from_checkpoint(fresh, path)
+    merge(fresh)  # merged LoRA weights are not digested: the merged model's file still loads onto the base
+    again = ckpt.save_adapter(fresh, str(tmp_path / "merged.safetensors"))
+    ckpt.inject_from_checkpoint(tiny_vit(), again)

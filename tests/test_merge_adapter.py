@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from _models import PEFT_OPTS, small_rcnn_cfg
 from detectron2.checkpoint import DetectionCheckpointer
@@ -54,3 +55,22 @@ def test_merged_checkpoint_reproduces_adapted_outputs(tmp_path):
     assert len(a) == len(b) > 0
     torch.testing.assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-5, atol=1e-4)
+
+
+def test_an_adapter_of_another_base_is_refused_unless_the_command_line_says_so(tmp_path):
+    cfg = small_rcnn_cfg(**PEFT_OPTS)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save({"model": build_model(small_rcnn_cfg()).state_dict()}, tmp_path / f"base{seed}.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "base0.pth")
+    (tmp_path / "peft.yaml").write_text(cfg.dump())
+    adapted = build_model(cfg)
+    DetectionCheckpointer(adapted).load(cfg.MODEL.WEIGHTS)
+    adapter = ckpt.save_adapter(adapted, str(tmp_path / "adapter.safetensors"))
+    argv = ["--config-file", str(tmp_path / "peft.yaml"), "--adapter", adapter, "--output", str(tmp_path / "m.pth"),
+            "MODEL.WEIGHTS", str(tmp_path / "base1.pth")]
+    with pytest.raises(ckpt.PeftCheckpointError, match="values of base tensors .*MODEL.PEFT.CHECK_BASE False"):
+        merge_adapter.main(argv)
+    assert not (tmp_path / "m.pth").exists()
+    merge_adapter.main([*argv, "MODEL.PEFT.CHECK_BASE", "False"])
+    assert (tmp_path / "m.pth").exists()

@@ -313,3 +313,48 @@ def test_threads_serving_at_once_keep_their_own_routing(tmp_path):
         raise errors[0]
     with torch.no_grad():
         check(serve([{"image": t} for t in x]), ["a", "a", "a"])
+
+
+def test_readme_serving_snippet_runs_as_written(tmp_path, monkeypatch):
+    """README "Serving several adapters from one base": its first code block, run as it stands, serves the
+    adapters on the base weights they were trained on, in eval mode."""
+    import re
+    from pathlib import Path
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from peft_d2.build import build_base_model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Serving several adapters from one base", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(123)  # base weights that a freshly built model does not have
+    base = build_base_model(peft_cfg(**{"MODEL.PEFT.METHODS": ["lora"]})).eval()
+    torch.save({"model": base.state_dict()}, tmp_path / "base.pth")
+    cfg = peft_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "base.pth")})
+    monkeypatch.chdir(tmp_path)
+    batch = inputs(False, sizes=((64, 64), (48, 64), (64, 48)))
+    singles = {}
+    for i, (name, opts) in enumerate({
+        "cells": {"MODEL.PEFT.METHODS": ["lora"], "MODEL.PEFT.LORA.TARGETS": ["backbone.layers.*.attn.qkv"]},
+        "roads": {"MODEL.PEFT.METHODS": ["adapter"], "MODEL.PEFT.ADAPTER.PLACEMENTS": ["attn", "msdeform_attn"]},
+    }.items()):
+        model = build(peft_cfg(**opts))
+        DetectionCheckpointer(model).load(str(tmp_path / "base.pth"))
+        ckpt.save_adapter(trained(model, 50 + i), f"{name}.safetensors")
+        with torch.no_grad():
+            singles[name] = [r["sem_seg"] for r in model(batch)]
+    a, b, c = (d["image"] for d in batch)
+    namespace = {"peft_d2": peft_d2, "build_base_model": build_base_model, "cfg": cfg, "a": a, "b": b, "c": c,
+                 "batch": batch, "DetectionCheckpointer": DetectionCheckpointer}
+    with torch.no_grad():
+        exec(snippet, namespace)  # noqa: S102 - the README's own code
+        served = namespace["model"]
+        assert not served.training
+        mixed = served([dict(batch[0], adapter="cells"), dict(batch[1], adapter="roads"), dict(batch[2], adapter=None)])
+        default = served([batch[0]])[0]["sem_seg"]  # the snippet's set_adapter: "roads"
+        plain = base([batch[2]])[0]["sem_seg"]
+    torch.testing.assert_close(mixed[0]["sem_seg"], singles["cells"][0], **TOL)
+    torch.testing.assert_close(mixed[1]["sem_seg"], singles["roads"][1], **TOL)
+    torch.testing.assert_close(mixed[2]["sem_seg"], plain, **TOL)
+    torch.testing.assert_close(default, singles["roads"][0], **TOL)

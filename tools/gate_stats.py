@@ -68,7 +68,7 @@ def main(argv=None):
     if cfg.MODEL.PEFT.WEIGHTS:
         from peft_d2.checkpoint import load_adapter
 
-        load_adapter(model, cfg.MODEL.PEFT.WEIGHTS)
+        load_adapter(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     stats = gate_stats(model, build_detection_test_loader(cfg, dataset), args.max_images or None)
     rows = [[block, *(f"{s[m]:.3f}" if m in s else "" for m in SUBMODULES)] for block, s in stats.items()]

@@ -13,7 +13,9 @@ detectron2's model zoo LazyConfigs: ``model``, ``dataloader.{train,test,evaluato
 ``params.model`` is set here), ``lr_multiplier`` and ``train``. peft_d2 adds, all optional:
 
 - ``train.peft_weights``: an adapter file (safetensors) loaded after ``train.init_checkpoint``;
-- ``train.peft_full_checkpoints``: training checkpoints hold whole models instead of the trainable tensors.
+- ``train.peft_full_checkpoints``: training checkpoints hold whole models instead of the trainable tensors;
+- ``train.peft_check_base``: False skips the checks that ``train.peft_weights`` fits the base (names, shapes and
+  a digest of a few frozen tensors' values), for a base you know is the right one.
 
 With a PEFT model, training checkpoints hold only the trainable tensors plus optimizer, scheduler and
 iteration (`PeftCheckpointer`; ``--resume`` loads the base from ``train.init_checkpoint`` first), and
@@ -101,7 +103,7 @@ def load_weights(cfg, checkpointer, resume: bool) -> None:
     if resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load("", resume=True)
     elif peft_weights:
-        load_adapter(checkpointer.model, peft_weights)
+        load_adapter(checkpointer.model, peft_weights, check_base=bool(cfg.train.get("peft_check_base", True)))
 
 
 def make_checkpointer(cfg, model, **checkpointables) -> PeftCheckpointer:

@@ -32,7 +32,7 @@ def merge(cfg, adapter: str, output: str) -> str:
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         PeftCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     state = merged_state_dict(model)
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)

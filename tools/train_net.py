@@ -320,18 +320,18 @@ def load_peft_weights(cfg, checkpointer, resume: bool):
     if resume and checkpointer.has_checkpoint():
         checkpointer.resume_or_load("", resume=True)
     elif cfg.MODEL.PEFT.WEIGHTS:
-        load_adapter(checkpointer.model, cfg.MODEL.PEFT.WEIGHTS)
+        load_adapter(checkpointer.model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
 
 
 def build_sfa_model(cfg, build_train_loader):
     """SFA needs its selection before injection: from MODEL.PEFT.WEIGHTS when given, otherwise by the
     lottery-ticket warm-up on the pretrained base (MODEL.WEIGHTS) with batches of the training loader."""
     model = build_base_model(cfg)
-    if cfg.MODEL.PEFT.WEIGHTS:
-        inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS)
-        return model
-    if cfg.MODEL.WEIGHTS:
+    if cfg.MODEL.WEIGHTS:  # before the adapter file, whose base check reads the base's values
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.PEFT.WEIGHTS:
+        inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+        return model
     config = peft_config_from_cfg(cfg)
     batches = iter(build_train_loader(cfg))
 
@@ -414,7 +414,7 @@ def evaluate_adapters(cfg, adapters: list[str]) -> dict:
     pairs = adapter_pairs(cfg, adapters)
     model = build_base_model(cfg) if cfg.MODEL.META_ARCHITECTURE == "PEFT" else build_model(cfg)
     DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
-    load_adapters(model, {n: p for n, p, _ in pairs})
+    load_adapters(model, {n: p for n, p, _ in pairs}, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     model.eval()
     results = {}
     for name, _, dataset in pairs:

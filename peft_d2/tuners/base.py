@@ -21,7 +21,7 @@ from ..errors import PeftConfigError
 
 METHODS: dict = {}  # method name -> registered PeftMethod instance, in registration order
 RESERVED_NODES = ("METHODS", "BASE_META_ARCHITECTURE", "BASE_BACKBONE", "WEIGHTS", "TRAINABLE", "FULL_CHECKPOINTS",
-                  "OPTIM")
+                  "CHECK_BASE", "OPTIM")
 YACS_TYPES = (bool, int, float, str, list, tuple)
 
 
