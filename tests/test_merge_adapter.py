@@ -74,3 +74,46 @@ def test_an_adapter_of_another_base_is_refused_unless_the_command_line_says_so(t
     assert not (tmp_path / "m.pth").exists()
     merge_adapter.main([*argv, "MODEL.PEFT.CHECK_BASE", "False"])
     assert (tmp_path / "m.pth").exists()
+
+
+def test_sfa_adapter_merges_and_the_merged_config_needs_no_peft_keys(tmp_path):
+    """SFA files carry their internal selection: merged through their own path (inject_from_checkpoint). The
+    merged config has no MODEL.PEFT: a config without peft_d2's PEFT keys (Mask2Former's, no add_peft_config)
+    reads it."""
+    from peft_d2.build import build_base_model
+    from peft_d2.config import add_peft_config, config_functions, peft_config_from_cfg
+    from peft_d2.inject import inject
+
+    sfa = {"MODEL.PEFT.METHODS": ["sfa"], "MODEL.PEFT.SFA.TARGETS": ["roi_heads.box_head.fc1"],
+           "MODEL.PEFT.SFA.BUDGET": 300, "MODEL.PEFT.SFA.ADAPTER_FRACTION": 0.0}
+    cfg = small_rcnn_cfg(**{**PEFT_OPTS, **sfa})
+    torch.manual_seed(0)
+    torch.save({"model": build_model(small_rcnn_cfg()).state_dict()}, tmp_path / "base.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "base.pth")
+    (tmp_path / "sfa.yaml").write_text(cfg.dump())
+    adapted = build_base_model(cfg)
+    DetectionCheckpointer(adapted).load(cfg.MODEL.WEIGHTS)
+    fc1 = adapted.roi_heads.box_head.fc1
+    selection = {"roi_heads.box_head.fc1": torch.randperm(fc1.weight.numel())[:300]}
+    inject(adapted, peft_config_from_cfg(cfg), sfa_selection=selection)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter = ckpt.save_adapter(adapted, str(tmp_path / "adapter.safetensors"))
+    out = str(tmp_path / "merged.pth")
+    merge_adapter.main(["--config-file", str(tmp_path / "sfa.yaml"), "--adapter", adapter, "--output", out])
+
+    plain_cfg = get_cfg()
+    for fn in config_functions():
+        if fn is not add_peft_config:
+            fn(plain_cfg)
+    plain_cfg.merge_from_file(out + ".yaml")
+    assert "PEFT" not in plain_cfg.MODEL and plain_cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    plain = build_model(plain_cfg)
+    DetectionCheckpointer(plain).load(plain_cfg.MODEL.WEIGHTS)
+    x = torch.randn(4, 32, 7, 7)
+    with torch.no_grad():
+        want = adapted.roi_heads.box_head(x)
+        assert not torch.allclose(want, build_model(small_rcnn_cfg()).roi_heads.box_head(x))
+        torch.testing.assert_close(plain.roi_heads.box_head(x), want, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,12 @@
     python tools/merge_adapter.py --config-file configs/.../peft/lora.yaml \
         --adapter output/adapter_final.safetensors --output output/merged.pth [KEY VALUE ...]
 
-Builds the model of the config (MODEL.META_ARCHITECTURE "PEFT"), loads MODEL.WEIGHTS then the adapter, and
-writes `--output` ({"model": state dict}) plus `<output>.yaml`, the same config without PEFT that loads it.
-Adapters (bottleneck modules) cannot be folded into base weights: such an adapter file is refused.
+Builds the base of the config (MODEL.META_ARCHITECTURE "PEFT": MODEL.PEFT.BASE_META_ARCHITECTURE), loads
+MODEL.WEIGHTS, injects the adapter file's own PeftConfig and loads its tensors (as `inject_from_checkpoint`,
+so SFA files bring their internal selection), and writes `--output` ({"model": state dict}) plus
+`<output>.yaml`, the same config without PEFT (no MODEL.PEFT node: a config without peft_d2's keys reads it)
+that loads it. Mergeable methods: LoRA, COBOT through LoRA, SFA; adapters (bottleneck modules), prefixes and
+gates cannot be folded into base weights: such an adapter file is refused.
 """
 
 import argparse
@@ -14,14 +17,13 @@ import sys
 import tempfile
 
 import torch
-from detectron2.modeling import build_model
+from detectron2.checkpoint import DetectionCheckpointer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import peft_d2.build  # noqa: E402,F401 - registers the PEFT meta-architecture
 import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
-from peft_d2.checkpoint import load_adapter, merged_state_dict  # noqa: E402
+from peft_d2.build import build_base_model  # noqa: E402
+from peft_d2.checkpoint import inject_from_checkpoint, merged_state_dict  # noqa: E402
 from peft_d2.config import get_cfg  # noqa: E402
-from peft_d2.engine import PeftCheckpointer  # noqa: E402
 
 
 def merge(cfg, adapter: str, output: str) -> str:
@@ -29,10 +31,10 @@ def merge(cfg, adapter: str, output: str) -> str:
         raise SystemExit(
             f"MODEL.META_ARCHITECTURE must be 'PEFT' to merge an adapter, got {cfg.MODEL.META_ARCHITECTURE!r}"
         )
-    model = build_model(cfg)
+    model = build_base_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        PeftCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    load_adapter(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    inject_from_checkpoint(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     state = merged_state_dict(model)
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
@@ -47,8 +49,7 @@ def merge(cfg, adapter: str, output: str) -> str:
     plain = cfg.clone()
     plain.defrost()
     plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
-    plain.MODEL.PEFT.METHODS = []
-    plain.MODEL.PEFT.WEIGHTS = ""
+    del plain.MODEL["PEFT"]
     plain.MODEL.WEIGHTS = os.path.abspath(output)
     with open(output + ".yaml", "w") as f:
         f.write(plain.dump())
