@@ -12,7 +12,7 @@ an atomic rename.
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 
 import torch
 import torch.nn as nn
@@ -80,12 +80,19 @@ def save_adapter(model: nn.Module, path: str, extra_metadata: dict | None = None
         "base_digest": json.dumps(base_digest(model, exclude=tensors)),
         **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()},
     }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str, write) -> str:
+    """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: a kill never leaves half a file,
+    and a failed write keeps the old one. `write` creates the file with open()'s mode, 0666 less the umask (0644
+    as a rule), as detectron2's PathManager does, so that another user's serving process can read it (mkstemp's
+    files are 0600). Returns `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -148,3 +148,71 @@ def test_a_base_of_the_same_shapes_with_other_values_is_refused_and_left_alone(t
     merge(fresh)  # merged LoRA weights are not digested: the merged model's file still loads onto the base
     again = ckpt.save_adapter(fresh, str(tmp_path / "merged.safetensors"))
     ckpt.inject_from_checkpoint(tiny_vit(), again)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_have_detectron2s_mode(tmp_path, umask):
+    """Adapter files and PEFT training checkpoints: 0666 less the umask, as detectron2's own checkpoints (not
+    mkstemp's 0600, which another user's serving process cannot read)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from peft_d2.engine import PeftCheckpointer
+
+    model = trained(tiny_vit, lora_config())
+    old = os.umask(umask)
+    try:
+        ckpt.save_adapter(model, str(tmp_path / "a.safetensors"))
+        PeftCheckpointer(model, str(tmp_path)).save("model_peft")
+        DetectionCheckpointer(model, str(tmp_path)).save("model_d2")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.name != "last_checkpoint"}
+    assert modes == {"a.safetensors": 0o666 & ~umask, "model_peft.pth": 0o666 & ~umask,
+                     "model_d2.pth": 0o666 & ~umask}
+
+
+def test_periodic_adapter_files_match_detectron2s_periodic_checkpoints(tmp_path):
+    """adapter_<iter> wherever detectron2's PeriodicCheckpointer writes model_<iter>, the last period included."""
+    from types import SimpleNamespace
+
+    from detectron2.engine.hooks import PeriodicCheckpointer
+
+    from peft_d2.engine import AdapterExportHook, PeftCheckpointer
+
+    model = trained(tiny_vit, lora_config())
+    trainer = SimpleNamespace(iter=0, max_iter=4)
+    out = str(tmp_path)
+    hooks = [PeriodicCheckpointer(PeftCheckpointer(model, out), 2), AdapterExportHook(model, out, 2)]
+    for h in hooks:
+        h.trainer = trainer
+        h.before_train()
+    for it in range(trainer.max_iter):
+        trainer.iter = it
+        for h in hooks:
+            h.after_step()
+    for h in hooks:
+        h.after_train()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if n.startswith("model_")] == ["model_0000001.pth", "model_0000003.pth", "model_final.pth"]
+    assert [n for n in names if n.startswith("adapter_")] == [
+        "adapter_0000001.safetensors", "adapter_0000003.safetensors", "adapter_final.safetensors"]
+
+
+def test_metrics_json_is_created_by_the_first_metrics(tmp_path):
+    """A run that fails before any metrics leaves no empty metrics.json; the writer is detectron2's otherwise."""
+    from detectron2.utils.events import EventStorage
+
+    from peft_d2.engine import JSONWriter
+
+    path = tmp_path / "metrics.json"
+    with EventStorage(0):
+        writer = JSONWriter(str(path))
+        writer.write()  # nothing to write yet (e.g. after_train of a run that failed at once)
+        writer.close()
+    assert not path.exists()
+    with EventStorage(0) as storage:
+        writer = JSONWriter(str(path))
+        storage.put_scalar("loss", 1.5)
+        writer.write()
+        writer.close()
+    assert json.loads(path.read_text()) == {"iteration": 0, "loss": 1.5}

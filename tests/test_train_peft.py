@@ -74,6 +74,14 @@ def test_every_peft_config_trains(env, method, tmp_path):
     assert final["peft_partial"] and len(final["model"]) == len(tensors)
 
 
+def test_a_failed_run_leaves_no_empty_metrics_json(env, tmp_path):
+    train_net, _ = env
+    with pytest.raises(ValueError, match="missing.safetensors' does not exist"):
+        train(train_net, "lora_backbone", tmp_path, opts=["MODEL.PEFT.WEIGHTS", str(tmp_path / "missing.safetensors")])
+    assert (tmp_path / "config.yaml").exists()  # the run got as far as its set-up
+    assert not (tmp_path / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_resume_and_eval_only_from_adapter(env, tmp_path):
     train_net, _ = env

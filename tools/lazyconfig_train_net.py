@@ -41,15 +41,15 @@ from detectron2.engine import (  # noqa: E402
     create_ddp_model,
     default_argument_parser,
     default_setup,
-    default_writers,
     hooks,
     launch,
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter  # noqa: E402
 
 from peft_d2.checkpoint import load_adapter  # noqa: E402
 from peft_d2.data import register_all_datasets  # noqa: E402
-from peft_d2.engine import AdapterExportHook, ParameterReportHook, PeftCheckpointer  # noqa: E402
+from peft_d2.engine import AdapterExportHook, JSONWriter, ParameterReportHook, PeftCheckpointer  # noqa: E402
 
 logger = logging.getLogger("peft_d2")
 
@@ -121,6 +121,12 @@ def do_test(cfg, model):
     return results
 
 
+def writers(output_dir: str, max_iter: int) -> list:
+    """detectron2's `default_writers`, with a metrics.json that is created at the first metrics written."""
+    return [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+            TensorboardXWriter(output_dir)]
+
+
 def do_train(args, cfg):
     model = build_model(cfg)
     cfg.optimizer.params.model = model
@@ -140,7 +146,7 @@ def do_train(args, cfg):
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if is_main else None,
             AdapterExportHook(_unwrap(model), cfg.train.output_dir, cfg.train.checkpointer.period) if peft else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+            hooks.PeriodicWriter(writers(cfg.train.output_dir, cfg.train.max_iter),
                                  period=cfg.train.log_period) if is_main else None,
         ]
     )

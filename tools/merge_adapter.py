@@ -14,7 +14,6 @@ gates cannot be folded into base weights: such an adapter file is refused.
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -22,7 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
 from peft_d2.build import build_base_model  # noqa: E402
-from peft_d2.checkpoint import inject_from_checkpoint, merged_state_dict  # noqa: E402
+from peft_d2.checkpoint import atomic_write, inject_from_checkpoint, merged_state_dict  # noqa: E402
 from peft_d2.config import get_cfg  # noqa: E402
 
 
@@ -36,16 +35,7 @@ def merge(cfg, adapter: str, output: str) -> str:
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     inject_from_checkpoint(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     state = merged_state_dict(model)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": state, "__author__": "peft_d2.merge_adapter"}, f)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(output, lambda tmp: torch.save({"model": state, "__author__": "peft_d2.merge_adapter"}, tmp))
     plain = cfg.clone()
     plain.defrost()
     plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE

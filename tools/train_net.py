@@ -44,7 +44,7 @@ from detectron2.evaluation import (  # noqa: E402
 )
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.projects.deeplab import build_lr_scheduler  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardXWriter  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, EventStorage, TensorboardXWriter  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -56,6 +56,7 @@ from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
 from peft_d2.engine import (  # noqa: E402
     NORM_TYPES,
     AdapterExportHook,
+    JSONWriter,
     ParameterReportHook,
     PeftCheckpointer,
     build_optimizer,

@@ -5,16 +5,16 @@
 - Saving a training checkpoint of an injected model stores only the trainable tensors (plus optimizer,
   scheduler, iteration), so `--resume` files are megabytes; resuming loads the base from MODEL.WEIGHTS first
   and these tensors on top (the base keys they lack are expected). `full=True` stores whole models.
-- Every write goes to a temporary file that is renamed into place: a kill never leaves half a checkpoint.
+- Every write goes to a temporary file that is renamed into place: a kill never leaves half a checkpoint
+  (`peft_d2.checkpoint.atomic_write`; the file's mode is detectron2's, 0644 modulo the umask).
 """
 
 import os
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint import adapter_state_dict
+from ..checkpoint import adapter_state_dict, atomic_write
 from ..inject import peft_parameter_names
 
 
@@ -39,15 +39,7 @@ class PeftCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}" + (" (trainable tensors only)" if partial else ""))
-        os.makedirs(self.save_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.save_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
         self.tag_last_checkpoint(basename)
 
     def _load_model(self, checkpoint):
