@@ -159,6 +159,57 @@ def test_inference_output_formats(mode):
                 assert s["isthing"] == (s["category_id"] in (0, 1))
 
 
+def _instance_model():
+    cfg = base_cfg("swin")
+    t = cfg.MODEL.MASK_FORMER.TEST
+    t.SEMANTIC_ON, t.INSTANCE_ON, t.PANOPTIC_ON = False, True, False
+    return cfg, build_model(cfg).eval()
+
+
+def test_instance_boxes_are_the_masks_extents():
+    """Instance results carry each mask's box (detectron2's BitMasks.get_bounding_boxes), not zeros, so that
+    box AP is measured."""
+    from detectron2.structures import BitMasks
+
+    cfg, model = _instance_model()
+    with torch.no_grad():
+        results = model(inputs(with_instances=False))
+    for r in results:
+        inst = r["instances"]
+        boxes = inst.pred_boxes.tensor
+        torch.testing.assert_close(boxes, BitMasks(inst.pred_masks > 0).get_bounding_boxes().tensor)
+        filled = inst.pred_masks.flatten(1).any(1)
+        assert filled.any() and (boxes[filled, 2:] > boxes[filled, :2]).all()
+    Q, K = cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, NUM_CLASSES
+    mask_cls = torch.full((Q, K + 1), -10.0)  # query 0: class 1, a mask over rows 3..7 and columns 10..20
+    mask_cls[0, 1] = 10.0
+    mask_pred = torch.full((Q, 32, 32), -10.0)
+    mask_pred[0, 3:8, 10:21] = 10.0
+    inst = model.instance_inference(mask_cls, mask_pred)
+    top = inst.scores.argmax()
+    assert inst.pred_classes[top] == 1 and inst.pred_boxes.tensor[top].tolist() == [10.0, 3.0, 21.0, 8.0]
+    masks = torch.rand(6, 9, 7) > 0.9  # sparse, some empty; and no masks at all
+    masks[2] = False
+    for m in (masks, masks[:0]):
+        torch.testing.assert_close(m2f.meta_arch.maskformer.mask_boxes(m), BitMasks(m).get_bounding_boxes().tensor)
+
+
+def test_raw_outputs_at_inference_with_do_postprocess_false():
+    """model(batch, do_postprocess=False): the raw pred_logits / pred_masks the per-image results come from."""
+    cfg, model = _instance_model()
+    batch = inputs(with_instances=False)
+    with torch.no_grad():
+        results = model(batch)
+        raw = model(batch, do_postprocess=False)
+    Q, K = cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, NUM_CLASSES
+    assert raw["pred_logits"].shape == (2, Q, K + 1) and raw["image_sizes"] == [(64, 64), (48, 64)]
+    assert raw["pred_masks"].shape == (2, Q, 16, 16) and len(raw["aux_outputs"]) == cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1
+    for i, r in enumerate(results):
+        mask_pred = torch.nn.functional.interpolate(raw["pred_masks"], size=(64, 64), mode="bilinear")[i]
+        again = model.inference_single(raw["pred_logits"][i], mask_pred, batch[i], raw["image_sizes"][i])
+        torch.testing.assert_close(again["instances"].scores, r["instances"].scores)
+
+
 def test_msdeformattn_calls_the_op_with_projected_values(monkeypatch):
     """The module's core is peft_d2.ops.ms_deform_attn; values come from project_value (the LoRA fusion point)."""
     attn = m2f.MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)

@@ -352,6 +352,8 @@ def test_msdeformattn_dispatch_and_paths_agree(cpu_kernel, monkeypatch, Q_of):
         ran_fused = len(calls) > before
         expected = {"0": False, "1": True, "auto": ops.use_fused_lora(Q, S, "cpu")}[mode]
         assert ran_fused == expected, mode
+        assert attn.last_lora_path == ops.choose_lora_path(Q, S, "cpu")  # what ran, and why
+        assert attn.last_lora_path[0] == ("fused" if ran_fused else "unfused")
     for mode in ("1", "auto"):
         torch.testing.assert_close(results[mode][0], results["0"][0], rtol=1e-10, atol=1e-12)
         for g, g0 in zip(results[mode][1], results["0"][1]):

@@ -1,7 +1,8 @@
 """MaskFormer meta-architecture (Mask2Former): backbone -> MaskFormerHead -> set criterion or inference.
 
 Training returns weighted losses; inference returns per image "sem_seg" (K, H, W), "panoptic_seg"
-((H, W) int32 ids, segments_info) and/or "instances" (Instances with pred_masks, pred_boxes, scores, pred_classes).
+((H, W) int32 ids, segments_info) and/or "instances" (Instances with pred_masks, pred_boxes (the masks' extents),
+scores, pred_classes). `model(batched_inputs, do_postprocess=False)` returns the raw predictions instead.
 """
 
 import logging
@@ -28,6 +29,17 @@ def build_weight_dict(class_weight, mask_weight, dice_weight, num_aux: int):
     for i in range(num_aux):
         weights.update({f"{k}_{i}": v for k, v in base.items()})
     return weights
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool masks -> (N, 4) float boxes (x0, y0, x1, y1), x1 / y1 one past the last pixel, zeros for an
+    empty mask: detectron2's BitMasks.get_bounding_boxes, without its per-mask loop (and host syncs)."""
+    x_any, y_any = masks.any(1), masks.any(2)  # (N, W), (N, H)
+    xs = torch.arange(masks.shape[2], device=masks.device)
+    ys = torch.arange(masks.shape[1], device=masks.device)
+    boxes = torch.stack([torch.where(x_any, xs, masks.shape[2]).amin(1), torch.where(y_any, ys, masks.shape[1]).amin(1),
+                         torch.where(x_any, xs + 1, 0).amax(1), torch.where(y_any, ys + 1, 0).amax(1)], dim=1)
+    return boxes.float() * x_any.any(1, keepdim=True)
 
 
 @META_ARCH_REGISTRY.register()
@@ -151,14 +163,19 @@ class MaskFormer(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def forward(self, batched_inputs):
+    def forward(self, batched_inputs, do_postprocess: bool = True):
         """
         Args:
             batched_inputs: list of dicts from a dataset mapper: "image" (3, H, W); in training "instances"
                 with gt_classes (T,) and gt_masks (T, H, W); optional "height", "width" (output size).
+            do_postprocess: inference only; False returns the raw predictions (as detectron2's
+                GeneralizedRCNN.inference(do_postprocess=False)).
         Returns:
             training: dict of weighted losses. Inference: one dict per image with "sem_seg",
-            "panoptic_seg" and/or "instances" depending on the *_ON flags.
+            "panoptic_seg" and/or "instances" depending on the *_ON flags; with do_postprocess=False, the
+            head's outputs: {"pred_logits": (N, Q, K+1) class logits (the last: no object), "pred_masks":
+            (N, Q, H_pad/4, W_pad/4) mask logits over the padded batch, "aux_outputs": the same per earlier
+            decoder layer}, plus "image_sizes": each image's (H, W) inside the padding.
         """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
@@ -172,6 +189,8 @@ class MaskFormer(nn.Module):
             losses = self.criterion(outputs, targets)
             # keep only the losses with a weight, weighted
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
+        if not do_postprocess:
+            return {**outputs, "image_sizes": images.image_sizes}
 
         mask_cls_results = outputs["pred_logits"]
         mask_pred_results = F.interpolate(
@@ -267,7 +286,8 @@ class MaskFormer(nn.Module):
 
     def instance_inference(self, mask_cls, mask_pred):
         """Top-k (query, class) pairs by class probability; score = p(class) * mean mask prob inside the mask.
-        Boxes are zeros (as in the official code: computing them from masks is slow)."""
+        Boxes are the masks' extents (`mask_boxes`), where the official code leaves zeros, so that box AP means
+        something."""
         image_size = mask_pred.shape[-2:]
         num_classes = self.sem_seg_head.num_classes
         scores = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
@@ -286,7 +306,7 @@ class MaskFormer(nn.Module):
 
         result = Instances(image_size)
         result.pred_masks = (mask_pred > 0).float()
-        result.pred_boxes = Boxes(torch.zeros(mask_pred.size(0), 4))
+        result.pred_boxes = Boxes(mask_boxes(mask_pred > 0))
         binary = result.pred_masks.flatten(1)
         mask_scores = (mask_pred.sigmoid().flatten(1) * binary).sum(1) / (binary.sum(1) + 1e-6)
         result.scores = scores_per_image * mask_scores

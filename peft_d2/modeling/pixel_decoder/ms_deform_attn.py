@@ -89,17 +89,25 @@ class MSDeformAttn(nn.Module):
         device (peft_d2.ops.choose_lora_path; PEFT_D2_MSDA_FUSED=0|1|auto overrides); otherwise value_proj's own
         forward (LoRA included) forms the value and the plain operator samples it. A model serving several
         adapters (peft_d2.multi) takes the fused path the same way, each image's LoRA chosen by adapter_index.
+        After each call, `last_lora_path` says which path ran and why: ("fused" | "unfused", reason), or None
+        when value_proj has no fusable LoRA.
         """
         vp = self.value_proj
-        fused = None
+        fused, path = None, None
         routes = getattr(vp, "peft_routes", None)  # several adapters served per image (peft_d2.multi)
         if (isinstance(vp, LoRALayer) and vp.lora_fusable()) or routes is not None:
             N, S, _ = input_flatten.shape
-            if ops.use_fused_lora(sampling_locations.shape[1], S, input_flatten.device.type):
+            path = ops.choose_lora_path(sampling_locations.shape[1], S, input_flatten.device.type)
+            if path[0] == "fused":
                 if isinstance(vp, LoRALayer):
                     fused = vp.lora_down(input_flatten), vp.lora_B[0], vp.lora_scaling, None
                 else:  # each image's adapter by adapter_index, or None when an adapter here is not one LoRA
                     fused = routes.fused_lora(input_flatten)
+                    if fused is None:
+                        path = "unfused", ("peft_d2.multi: no fusable LoRA in this batch (the base alone, or "
+                                           "adapters that are not one LoRA each of one rank)")
+        if not torch.compiler.is_compiling():
+            self.last_lora_path = path
         if fused is not None:
             # value = x W^T + b + s z B^T with z = x A^T: sample z (rank r) beside the base value in one pass
             # and apply B per head afterwards, never forming the LoRA-augmented value
