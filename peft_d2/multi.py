@@ -449,9 +449,7 @@ def _request_route(model, inputs):
         wanted = [default] * inputs.shape[0]
     else:
         return _KEEP
-    unknown = sorted({w for w in wanted if w is not None and w not in names})
-    if unknown:
-        raise KeyError(f"adapter(s) {unknown} are not loaded; loaded: {names}")
+    _check_loaded(model, wanted)
     return _Route(torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long), names)
 
 
