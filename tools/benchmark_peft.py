@@ -98,8 +98,7 @@ def make_study(parser, args) -> studies.Study:
 def main(argv=None):
     parser, args = parse_args(argv)
     if args.report_only:
-        output = args.output or os.path.join(DOCS, "benchmark_synthetic" if args.study == "synthetic" else
-                                             "benchmark_dsb2018")  # fmt: skip
+        output = args.output or os.path.join(DOCS, f"benchmark_{args.study}")
         raw = json.load(open(output + ".json"))
         text, checks, verdicts = report.write_page(raw, output)
         print(text)

@@ -154,17 +154,18 @@ def read_sample(folder: str) -> tuple[np.ndarray, list[np.ndarray], int]:
     return rgb, masks, empty
 
 
-def _annotation(mask: np.ndarray, ann_id: int, image_id: int, iscrowd: int = 0) -> dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    bbox = mask_util.toBbox(rle).tolist()
-    rle["counts"] = rle["counts"].decode("ascii")
+def _rle(mask: np.ndarray) -> dict:
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def _annotation(rle: dict, ann_id: int, image_id: int, iscrowd: int = 0) -> dict:
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": 1,
-        "segmentation": rle,
-        "area": int(mask.sum()),
-        "bbox": bbox,
+        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+        "area": int(mask_util.area(rle)),
+        "bbox": mask_util.toBbox(rle).tolist(),
         "iscrowd": iscrowd,
     }
 
@@ -210,7 +211,7 @@ def prepare_dsb2018(root: str, out: str, fewshot: int = 32, tile: int = 128, log
         skipped_empty += empty
         if len(masks) > 1:
             overlap_pixels += int((np.sum(masks, axis=0) > 1).sum())
-        rles = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+        rles = [_rle(m) for m in masks]
         records[sid] = {"kind": kind, "stats": stats, "shape": rgb.shape[:2], "rles": rles}
         if (n + 1) % 100 == 0:
             log(f"  read {n + 1}/{len(ids)} samples")
@@ -257,7 +258,7 @@ def _coco_whole(members: list[str], records: dict) -> dict:
         h, w = records[sid]["shape"]
         images.append({"id": image_id, "file_name": f"{sid}.png", "height": h, "width": w, "dsb_id": sid})
         for rle in records[sid]["rles"]:
-            annos.append(_annotation(mask_util.decode(rle).astype(bool), len(annos) + 1, image_id))
+            annos.append(_annotation(rle, len(annos) + 1, image_id))
     return {"images": images, "annotations": annos, "categories": CATEGORIES}
 
 
@@ -284,11 +285,5 @@ def _coco_tiles(members: list[str], records: dict, out: str, tile: int) -> dict:
                     inside = int(cut.sum())
                     if inside:
                         crowd = int(inside < TILE_KEEP * area)
-                        annos.append(_annotation(cut, len(annos) + 1, image_id, iscrowd=crowd))
+                        annos.append(_annotation(_rle(cut), len(annos) + 1, image_id, iscrowd=crowd))
     return {"images": images, "annotations": annos, "categories": CATEGORIES}
-
-
-def kinds_found(out: str) -> list[str]:
-    """The kinds that `out/summary.json` found (the kinds a study can use as source or target)."""
-    with open(os.path.join(out, "summary.json")) as f:
-        return list(json.load(f)["kinds"])

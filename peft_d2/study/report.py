@@ -97,7 +97,6 @@ def _panel(title, model, dicts, meta):
     import cv2
     import numpy as np
     import torch
-    from detectron2.structures import BitMasks
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
@@ -112,9 +111,7 @@ def _panel(title, model, dicts, meta):
             with torch.no_grad():
                 out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
                               "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
-            out = out[out.scores > SCORE_THRESHOLD]
-            # Mask2Former predicts no boxes (all zero): box the masks, so each label sits on its object
-            out.pred_boxes = BitMasks(out.pred_masks).get_bounding_boxes()
+            out = out[out.scores > SCORE_THRESHOLD]  # its boxes are the masks' extents: labels sit on objects
             vis = vis.draw_instance_predictions(out)
         images.append(vis.get_image())
     col = np.concatenate(images, axis=0)

@@ -110,11 +110,6 @@ DSB_FEWSHOT = 32
 DSB_TILE = 128
 
 
-def _dsb_summary(root: str) -> dict:
-    with open(os.path.join(root, "dsb2018", "summary.json")) as f:
-        return json.load(f)
-
-
 def _prepare_dsb2018(data_dir: str, fewshot: int, tile: int) -> str:
     """Prepare the official layout under `data_dir` once per machine (datasets/prepare_dsb2018.py's work);
     returns the DETECTRON2_DATASETS folder that holds `dsb2018/`. Keyed by the preparation code, its settings,
@@ -142,11 +137,12 @@ def dsb2018(data_dir: str, source: str = "fluorescence", target: str = "tissue",
     if source == target:
         raise ValueError(f"--source and --target are both {source!r}: a transfer study needs two kinds")
     root = _prepare_dsb2018(data_dir, fewshot, tile)
-    summary = _dsb_summary(root)
+    with open(os.path.join(root, "dsb2018", "summary.json")) as f:
+        summary = json.load(f)
     missing = [k for k in (source, target) if k not in summary["kinds"]]
     if missing:
         raise ValueError(f"the data under {data_dir!r} have no {missing} images; its kinds: {list(summary['kinds'])}")
-    counts = {k: {s: v for s, v in splits.items()} for k, splits in summary["kinds"].items() if k in (source, target)}
+    counts = {k: summary["kinds"][k] for k in (source, target)}
     empty = [f"{k} {split}" for k, splits in ((source, ("train", "val")), (target, ("fewshot", "val", "test")))
              for split in splits if not counts[k][split]["images"]]  # fmt: skip
     if empty:
