@@ -145,7 +145,7 @@ def test_mask_former_instance_random_crop_polygons(data):
 def _one_crop_cuts_away(mapper_name, **overrides):
     """A 64 px image with a 20 px object in its top-left corner and one in its bottom-right: every 24 px crop misses
     at least one of them, so the mapper must drop that one instead of returning an all-zero target. About half the
-    crops hold one object and half none, so 30 seeded crops see both cases (a miss would take odds of 1e-8)."""
+    crops hold one object and half none, so 30 crops see both cases (a miss would take odds of 1e-8)."""
     crop = {"INPUT.CROP.ENABLED": True, "INPUT.CROP.TYPE": "absolute", "INPUT.CROP.SIZE": (24, 24), **overrides}
     mapper = build_train_mapper(make_cfg(mapper_name, **crop))
     masks = np.zeros((2, SIZE, SIZE), np.uint8)
@@ -154,7 +154,6 @@ def _one_crop_cuts_away(mapper_name, **overrides):
         {"segmentation": mask_util.encode(np.asfortranarray(m)), "category_id": k, "iscrowd": 0, "bbox": [0, 0, 1, 1],
          "bbox_mode": 1} for k, m in enumerate(masks)]}
     seen = set()
-    np.random.seed(0)  # detectron2's augmentations draw from numpy's global generator
     for _ in range(30):
         out = mapper(copy.deepcopy(d))
         inst = out["instances"]
