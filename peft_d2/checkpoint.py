@@ -100,6 +100,16 @@ def atomic_write(path: str, write) -> str:
     return path
 
 
+def atomic_write_json(path: str, data) -> str:
+    """json.dump(data) into `path` through `atomic_write` (a reader never sees half a file)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+
+    return atomic_write(path, write)
+
+
 def read_adapter(path: str):
     """(tensors, metadata, config) of an adapter file, or a PeftCheckpointError naming the file."""
     if not os.path.isfile(path):

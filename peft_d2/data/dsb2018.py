@@ -39,13 +39,13 @@ pixels claimed by more than one nucleus is counted in the summary.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
+from ..checkpoint import atomic_write_json
 from .checks import MalformedAnnotationError
 
 __all__ = [
@@ -175,14 +175,6 @@ def annotation_file(out: str, kind: str, split: str, tile: int | None = None) ->
     return os.path.join(out, "annotations", f"{kind}_{split}{suffix}.json")
 
 
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def _sample_dir(root: str) -> str:
     train_dir = os.path.join(root, "stage1_train")
     if os.path.isdir(train_dir):
@@ -236,11 +228,11 @@ def prepare_dsb2018(root: str, out: str, fewshot: int = 32, tile: int = 128, log
         summary["kinds"][kind] = {}
         for split, members in split_ids(kind_ids, fewshot).items():
             whole = _coco_whole(members, records)
-            _write_json(annotation_file(out, kind, split), whole)
+            atomic_write_json(annotation_file(out, kind, split), whole)
             entry = {"images": len(members), "nuclei": len(whole["annotations"])}
             if split in TILED_SPLITS:
                 tiles = _coco_tiles(members, records, out, tile)
-                _write_json(annotation_file(out, kind, split, tile), tiles)
+                atomic_write_json(annotation_file(out, kind, split, tile), tiles)
                 entry.update(
                     tiles=len(tiles["images"]),
                     tile_nuclei=sum(1 - a["iscrowd"] for a in tiles["annotations"]),
@@ -248,7 +240,7 @@ def prepare_dsb2018(root: str, out: str, fewshot: int = 32, tile: int = 128, log
                 )
             summary["kinds"][kind][split] = entry
             log(f"  {kind} {split}: {entry}")
-    _write_json(os.path.join(out, "summary.json"), summary)
+    atomic_write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 

@@ -27,7 +27,6 @@ The output depends only on (domain, split, num_images, image_size, seed, mask_fo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+
+from ..checkpoint import atomic_write_json
 
 __all__ = [
     "CATEGORIES",
@@ -304,10 +305,7 @@ def generate_split(
         "annotations": annotations,
         "categories": [dict(c, supercategory="shape") for c in categories],
     }
-    tmp = paths["json_file"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, paths["json_file"])
+    atomic_write_json(paths["json_file"], data)
     return paths
 
 
