@@ -442,15 +442,13 @@ def _request_route(model, inputs):
         return None
     defaults = dict(_DEFAULTS.get())  # the innermost block last
     default = defaults[id(model)] if id(model) in defaults else model.peft_active_adapter
-    names = list(model.peft_adapters)
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, dict) for x in inputs):
         wanted = [x.get("adapter", default) for x in inputs]
     elif default is not None and torch.is_tensor(inputs):
         wanted = [default] * inputs.shape[0]
     else:
         return _KEEP
-    _check_loaded(model, wanted)
-    return _Route(torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long), names)
+    return _route_of(model, wanted)
 
 
 def _root_hook(model, args, output):
@@ -460,6 +458,13 @@ def _root_hook(model, args, output):
         if passes[-1] is not None:
             _ROUTE.reset(passes[-1])
     return output
+
+
+def _route_of(model, wanted) -> "_Route":
+    """The _Route of images that want these adapters (None: the base); an adapter not loaded is a KeyError."""
+    _check_loaded(model, wanted)
+    names = list(model.peft_adapters)
+    return _Route(torch.tensor([-1 if w is None else names.index(w) for w in wanted], dtype=torch.long), names)
 
 
 def _check_loaded(model, names):
@@ -473,9 +478,7 @@ def _check_loaded(model, names):
 def route(model: nn.Module, adapters: list):
     """Route a forward pass whose inputs are not detectron2 dicts (e.g. a backbone on an (N, C, H, W)
     tensor): image n uses adapters[n] (None: the base). In this thread (or asyncio task) only."""
-    _check_loaded(model, adapters)
-    names = list(model.peft_adapters)
-    token = _ROUTE.set(_Route(torch.tensor([-1 if a is None else names.index(a) for a in adapters]), names))
+    token = _ROUTE.set(_route_of(model, adapters))
     try:
         yield
     finally:

@@ -213,7 +213,7 @@ def iteration_text(label, out_dir) -> str | None:
     eta = f"ETA {left / 60:.1f} min"
     if left == left:
         eta += f" ({(datetime.datetime.now() + datetime.timedelta(seconds=left)).strftime('%H:%M')})"
-    ap = [f"{r['iteration'] + 1}: {r['segm/AP']:.1f}" for r in rows if "segm/AP" in r]
+    ap = [f"{c['iteration']}: {c['AP']:.1f}" for c in learning_curve(rows)]
     return (f"{label} ({spec['config'].split('/')[-1]}): iteration {it}/{cfg['max_iter']}, {eta}"
             + (f"; val AP at {', '.join(ap)}" if ap else ""))  # fmt: skip
 

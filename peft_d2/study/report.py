@@ -91,6 +91,17 @@ def plot(rows, path, title, target="B"):
 SCORE_THRESHOLD = 0.3  # predictions drawn in the PNGs
 
 
+def _read(d):
+    """A dataset dict's image: (H, W, 3) uint8 RGB, and the model's input for it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
+    return img, {"image": torch.as_tensor(img.transpose(2, 0, 1).copy()), "height": img.shape[0],
+                 "width": img.shape[1]}
+
+
 def _panel(title, model, dicts, meta):
     """One column of images under a title: the ground truth (model None) or `model`'s predictions scoring above
     SCORE_THRESHOLD."""
@@ -98,19 +109,17 @@ def _panel(title, model, dicts, meta):
     import numpy as np
     import torch
     from detectron2.utils.visualizer import ColorMode, Visualizer
-    from PIL import Image
 
     images = []
     for d in dicts:
-        img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
+        img, inputs = _read(d)
         vis = Visualizer(img, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
         if model is None:
             vis = vis.draw_dataset_dict(d)
         else:
             model.eval()
             with torch.no_grad():
-                out = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
-                              "height": img.shape[0], "width": img.shape[1]}])[0]["instances"].to("cpu")
+                out = model([inputs])[0]["instances"].to("cpu")
             out = out[out.scores > SCORE_THRESHOLD]  # its boxes are the masks' extents: labels sit on objects
             vis = vis.draw_instance_predictions(out)
         images.append(vis.get_image())
@@ -219,9 +228,7 @@ def serve_adapters(plan, results, num_images=4):
     served from one base in one batch (peft_d2.load_adapters), images alternating between them, against each
     file's own single-adapter model. Returns a dict of what was compared, or None when fewer than two adapter
     files can be served (peft_d2.multi.ROUTABLE_METHODS)."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     import peft_d2
     import peft_d2.modeling  # noqa: F401
@@ -250,10 +257,7 @@ def serve_adapters(plan, results, num_images=4):
     PeftCheckpointer(model).load(plan.base_weights)
     peft_d2.load_adapters(model, files)
     model.eval()
-    batch = []
-    for d in _pictured(plan.study.datasets["target_test"], num_images):
-        img = torch.as_tensor(np.asarray(Image.open(d["file_name"]).convert("RGB")).transpose(2, 0, 1).copy())
-        batch.append({"image": img, "height": img.shape[1], "width": img.shape[2]})
+    batch = [_read(d)[1] for d in _pictured(plan.study.datasets["target_test"], num_images)]
     routing = [names[i % 2] for i in range(len(batch))]
     with torch.no_grad():
         t0 = time.perf_counter()
