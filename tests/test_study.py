@@ -239,3 +239,14 @@ def test_progress_line_waits_for_the_first_logged_iteration(tmp_path):
     assert engine.iteration_text("pretraining", str(tmp_path)) is None
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 19, "time": 0.5}) + "\n")
     assert "iteration 20/100, ETA 0.7 min (" in engine.iteration_text("pretraining", str(tmp_path))
+
+
+def test_progress_line_shows_each_evaluation_once(tmp_path):
+    """A resumed run logs the evaluation at its checkpoint again: the line shows the last value, once."""
+    (tmp_path / "spec.json").write_text(json.dumps({"config": "configs/x.yaml"}))
+    (tmp_path / "max_iter.json").write_text(json.dumps({"max_iter": 3000}))
+    rows = [{"iteration": 1499, "time": 0.5, "segm/AP": 9.0}, {"iteration": 1499, "segm/AP": 9.5},
+            {"iteration": 1519, "time": 0.5}]  # fmt: skip
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = engine.iteration_text("pretraining", str(tmp_path))
+    assert "iteration 1520/3000, ETA 12.3 min" in text and text.endswith("; val AP at 1500: 9.5"), text

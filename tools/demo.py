@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from peft_d2.study import report, studies  # noqa: E402
 from peft_d2.study.cache import ROOT, cache_root  # noqa: E402
-from peft_d2.study.engine import Plan  # noqa: E402
+from peft_d2.study.engine import Plan, curve_text  # noqa: E402
 
 BENCHMARK_JSON = os.path.join(ROOT, "docs", "benchmark_synthetic.json")  # the learning rates it chose
 DEMO_METHODS = ["scratch", "full_finetune", "baseline_heads_only", "lora_backbone", "adapters_1", "sfa"]
@@ -100,7 +100,7 @@ def main(argv=None):
     plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers)
 
     base = plan.pretrain()
-    curve = ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in base["curve"])
+    curve = curve_text(base["curve"])
     print(f"\nbase model: mask AP {base['AP']:.1f} on A val ({study.sizes['source_val']}) after "
           f"{base['iterations']} iterations (learning curve, iteration: AP = {curve})\n", flush=True)
 

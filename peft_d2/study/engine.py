@@ -25,8 +25,8 @@ import time
 from .cache import ROOT, Lock, cache_root, fingerprint
 from .studies import Study
 
-__all__ = ["Plan", "Progress", "run_child", "lr_opts", "choose", "extensions", "select", "LR_SCALES", "LR_LADDER",
-           "MAX_EXTENSIONS", "SELECTION_SEED"]  # fmt: skip
+__all__ = ["Plan", "Progress", "run_child", "lr_opts", "learning_curve", "curve_text", "choose", "extensions",
+           "select", "LR_SCALES", "LR_LADDER", "MAX_EXTENSIONS", "SELECTION_SEED"]  # fmt: skip
 
 LR_SCALES = (0.3, 1.0, 3.0)  # the starting grid
 LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # where the search may go
@@ -213,15 +213,20 @@ def iteration_text(label, out_dir) -> str | None:
     eta = f"ETA {left / 60:.1f} min"
     if left == left:
         eta += f" ({(datetime.datetime.now() + datetime.timedelta(seconds=left)).strftime('%H:%M')})"
-    ap = [f"{c['iteration']}: {c['AP']:.1f}" for c in learning_curve(rows)]
+    ap = curve_text(learning_curve(rows))
     return (f"{label} ({spec['config'].split('/')[-1]}): iteration {it}/{cfg['max_iter']}, {eta}"
-            + (f"; val AP at {', '.join(ap)}" if ap else ""))  # fmt: skip
+            + (f"; val AP at {ap}" if ap else ""))  # fmt: skip
 
 
 def learning_curve(rows) -> list[dict]:
     """[{iteration, AP}] from metrics.json rows; a resumed run may have logged an evaluation twice: the last wins."""
     ap = {r["iteration"] + 1: r["segm/AP"] for r in rows if "segm/AP" in r}
     return [{"iteration": it, "AP": v} for it, v in sorted(ap.items())]
+
+
+def curve_text(curve) -> str:
+    """'1500: 27.8, 3000: 35.1' (iteration: AP) from a `learning_curve`."""
+    return ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in curve)
 
 
 def load_result(run_dir):

@@ -11,6 +11,7 @@ import time
 
 from . import rules as study
 from .cache import ROOT
+from .engine import curve_text
 from .studies import synthetic
 
 __all__ = ["summarise", "table", "checks_and_verdicts_text", "plot", "predictions_png", "serve_adapters",
@@ -306,7 +307,7 @@ def write_page(raw, out_prefix):
             for s in tried) + f" | {raw['selected_lr_scale'][m]:g} |"
         for m in raw["methods"])
     base = raw["base"]
-    curve = ", ".join(f"{c['iteration']}: {c['AP']:.1f}" for c in base["curve"])
+    curve = curve_text(base["curve"])
     lines = [
         f"# {info['title']}",
         "",
