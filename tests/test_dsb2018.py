@@ -346,6 +346,11 @@ def test_the_study_runs_on_the_nuclei_at_toy_size(tmp_path, monkeypatch):
     page = Path(prefix + ".md").read_text()
     assert page.startswith("# DSB 2018 nuclei transfer benchmark (fluorescence -> tissue)")
     assert "## Results on tissue test" in page and "on fluorescence val (" in page
+    # what each part took, measured by the engine, and the pictures drawn from the cached models
+    assert all(r["wall_s"] > 0 for r in [raw["base"], *raw["selection"], *raw["runs"]])
+    assert "in all: the base's pretraining" in page and "6 fine-tuning runs" in page
+    for png in ("_predictions.png", "_base_fluorescence_val.png"):
+        assert Image.open(prefix + png).size[0] > 0
     with pytest.raises(SystemExit):
         benchmark_peft.main(["--study", "dsb2018", "--data", str(src), "--source", "purple"])
     with pytest.raises(SystemExit):

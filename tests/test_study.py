@@ -241,6 +241,19 @@ def test_progress_line_waits_for_the_first_logged_iteration(tmp_path):
     assert "iteration 20/100, ETA 0.7 min (" in engine.iteration_text("pretraining", str(tmp_path))
 
 
+def test_wall_clock_continues_over_resumptions(tmp_path):
+    """A resumed run's wall time adds to what its earlier segments took (kept on disk), and starts from 0 when
+    nothing was kept."""
+    path = tmp_path / "wall_s.json"
+    first = engine.WallClock(str(path), period=0.0)
+    assert 0.0 <= first.tick() < 5.0 and json.loads(path.read_text())["wall_s"] < 5.0
+    path.write_text(json.dumps({"wall_s": 600.0}))  # as a killed run's segments would have left it
+    resumed = engine.WallClock(str(path), period=3600.0)
+    assert 600.0 <= resumed.tick() < 605.0
+    assert json.loads(path.read_text())["wall_s"] == 600.0  # not rewritten within the period
+    assert resumed.tick(force=True) == json.loads(path.read_text())["wall_s"] >= 600.0
+
+
 def test_progress_line_shows_each_evaluation_once(tmp_path):
     """A resumed run logs the evaluation at its checkpoint again: the line shows the last value, once."""
     (tmp_path / "spec.json").write_text(json.dumps({"config": "configs/x.yaml"}))

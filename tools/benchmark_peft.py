@@ -21,7 +21,9 @@ The protocol (fixed before any result; the README's "Decision rules" states the 
    its interval, the study's checks and the verdict of each claim by peft_d2.study's rules.
 
 Finished runs are cached (resumable); docs/<page>.json holds every raw run, and docs/<page>.md and
-docs/<page>.png are generated from it.
+docs/<page>.png are generated from it; after a run, docs/<page>_predictions.png (target test images: ground
+truth, the base, full fine-tuning, the best PEFT method) and docs/<page>_base_<source>_val.png are drawn from
+the cached models.
 """
 
 from __future__ import annotations
@@ -130,12 +132,21 @@ def main(argv=None):
         "duration_min": (time.perf_counter() - t0) / 60, "study": study.info(), "data": plan.data, "base": base,
         "methods": args.methods, "seeds": args.seeds, "selection_seed": SELECTION_SEED,
         "lr_scales": args.lr_scales, "lr_ladder": list(LR_LADDER), "max_extensions": args.max_extensions,
+        "workers": args.workers,
         "selected_lr_scale": scales, "selection": selection, "runs": runs,
     }  # fmt: skip
     with open(output + ".json", "w") as f:
         json.dump(raw, f, indent=1)
     text, checks, verdicts = report.write_page(raw, output)
     print(f"\n{text}\n\n{report.checks_and_verdicts_text(checks, verdicts)}\n\nwrote {output}.{{json,md,png}}")
+    # the pictures need the trained models (the cache), not only the raw results: drawn after a run, not by
+    # --report-only
+    rows = report.summarise(runs)[0]
+    best = report.predictions_png(plan, runs, rows, f"{output}_predictions.png",
+                                  base_path=f"{output}_base_{study.source}_val.png")  # fmt: skip
+    if best:
+        print(f"wrote {output}_predictions.png ({study.target} test: ground truth, the base, full fine-tuning, "
+              f"{best}) and {output}_base_{study.source}_val.png", flush=True)  # fmt: skip
     return raw
 
 

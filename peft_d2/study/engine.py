@@ -25,8 +25,8 @@ import time
 from .cache import ROOT, Lock, cache_root, fingerprint
 from .studies import Study
 
-__all__ = ["Plan", "Progress", "run_child", "lr_opts", "learning_curve", "curve_text", "choose", "extensions",
-           "select", "LR_SCALES", "LR_LADDER", "MAX_EXTENSIONS", "SELECTION_SEED"]  # fmt: skip
+__all__ = ["Plan", "Progress", "WallClock", "run_child", "lr_opts", "learning_curve", "curve_text", "choose",
+           "extensions", "select", "LR_SCALES", "LR_LADDER", "MAX_EXTENSIONS", "SELECTION_SEED"]  # fmt: skip
 
 LR_SCALES = (0.3, 1.0, 3.0)  # the starting grid
 LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # where the search may go
@@ -157,18 +157,43 @@ def run_child(spec, out_dir, data_root, progress_label=None):
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     cmd = [sys.executable, "-m", "peft_d2.study.engine", spec_file]
     line = ProgressLine(progress_label, tmp) if progress_label else None
+    clock = WallClock(os.path.join(tmp, "wall_s.json"))
     with open(os.path.join(tmp, "child.log"), "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         while proc.poll() is None:
             time.sleep(1)
+            clock.tick()
             if line:
                 line.update()
     if line:
         line.close()
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({spec['config']}); see {os.path.join(tmp, 'child.log')}")
+    result_file = os.path.join(tmp, "result.json")
+    result = dict(json.load(open(result_file)), wall_s=clock.tick(force=True))
+    with open(result_file, "w") as f:
+        json.dump(result, f, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+class WallClock:
+    """The wall-clock seconds a run has taken over all its resumptions: kept in `path` (rewritten at most every
+    `period` s, so a kill loses at most that much) and continued from there when the run is resumed."""
+
+    def __init__(self, path, period=30.0):
+        self.path, self.period = path, period
+        self.spent = json.load(open(path))["wall_s"] if os.path.exists(path) else 0.0
+        self.start = self.saved = time.perf_counter()
+
+    def tick(self, force=False) -> float:
+        now = time.perf_counter()
+        total = self.spent + now - self.start
+        if force or now - self.saved >= self.period:
+            with open(self.path, "w") as f:
+                json.dump({"wall_s": total}, f)
+            self.saved = now
+        return total
 
 
 class ProgressLine:

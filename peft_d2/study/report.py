@@ -190,10 +190,10 @@ def _register(plan):
     register_all_datasets()
 
 
-def predictions_png(plan, results, rows, path, num_images=3):
+def predictions_png(plan, results, rows, path, num_images=3, base_path=None):
     """The same target test images: ground truth, the base (its source classes), full fine-tuning and the best
-    PEFT method (highest mean test AP), each run of the lowest seed; and beside it base_<source>_val.png, the
-    base's predictions on source val images (the domain it was trained on)."""
+    PEFT method (highest mean test AP), each run of the lowest seed; and in `base_path` (default: beside it,
+    base_<source>_val.png) the base's predictions on source val images (the domain it was trained on)."""
     import numpy as np
     from detectron2.data import MetadataCatalog
     from PIL import Image
@@ -219,8 +219,8 @@ def predictions_png(plan, results, rows, path, num_images=3):
     meta = MetadataCatalog.get(s.datasets["source_val"])
     panels = [_panel(f"ground truth ({s.source} val)", None, src_val, meta),
               _panel(f"base (trained on {s.source})", base, src_val, meta)]  # fmt: skip
-    base_png = os.path.join(os.path.dirname(path), f"base_{s.source}_val.png")
-    Image.fromarray(np.concatenate(panels, axis=1)).save(base_png)
+    base_path = base_path or os.path.join(os.path.dirname(path), f"base_{s.source}_val.png")
+    Image.fromarray(np.concatenate(panels, axis=1)).save(base_path)
     return best
 
 
@@ -315,7 +315,8 @@ def write_page(raw, out_prefix):
         "do not edit by hand. The protocol is in the tool's docstring, the decision rules in the README.",
         "",
         f"- command: `{raw['command']}`",
-        f"- date: {raw['date']}; machine: {raw['machine']}; duration: {raw['duration_min']:.0f} min",
+        f"- date: {raw['date']}; machine: {raw['machine']}; duration: {raw['duration_min']:.0f} min"
+        + wall_text(raw),
         f"- commit: {raw['commit']}",
         f"- data: {json.dumps(raw['data'])}",
         f"- base: mask AP **{base['AP']:.1f}** on {src} val ({sizes['source_val']}) after "
@@ -360,6 +361,20 @@ def write_page(raw, out_prefix):
         f.write("\n".join(lines))
     plot(rows, out_prefix + ".png", f"{info['title']} ({len(raw['seeds'])} paired seeds)", tgt)
     return text, checks, verdicts
+
+
+def wall_text(raw) -> str:
+    """What the study's parts took (their wall-clock times, measured over resumptions; results written before
+    runs measured them have none): the invocation's duration covers only what it did not find cached."""
+    runs = [r for r in raw["selection"] + raw["runs"] if "wall_s" in r]
+    parts = []
+    if "wall_s" in raw["base"]:
+        parts.append(f"the base's pretraining {raw['base']['wall_s'] / 60:.0f} min")
+    if runs:
+        workers = raw.get("workers", 1)
+        parts.append(f"{len(runs)} fine-tuning runs {sum(r['wall_s'] for r in runs) / 60:.0f} min of run time "
+                     f"({workers} at a time)")
+    return f" (in the last invocation, which reused what was cached; in all: {', '.join(parts)})" if parts else ""
 
 
 def edge_note(raw) -> str:
