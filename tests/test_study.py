@@ -263,3 +263,38 @@ def test_progress_line_shows_each_evaluation_once(tmp_path):
     (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = engine.iteration_text("pretraining", str(tmp_path))
     assert "iteration 1520/3000, ETA 12.3 min" in text and text.endswith("; val AP at 1500: 9.5"), text
+
+
+def test_learning_curves_page_from_run_folders(tmp_path):
+    """tools/learning_curves.py reads each run's settings and evaluations (a resumed run's repeated evaluation
+    once), writes the raw JSON, and --report-only regenerates the same page from it; a folder that is not a
+    training output gets an error naming it."""
+    import yaml
+    from _models import load_tool
+
+    tool = load_tool("learning_curves.py", "peft_d2_learning_curves")
+    run = tmp_path / "probe"
+    run.mkdir()
+    cfg = {"MODEL": {"SWIN": {"EMBED_DIM": 32, "DEPTHS": [1, 1, 1, 1]}, "MASK_FORMER": {"NUM_OBJECT_QUERIES": 50}},
+           "SOLVER": {"BASE_LR": 0.001, "MAX_ITER": 3000, "STEPS": [2400]}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"iteration": 19, "time": 0.5}, {"iteration": 1499, "segm/AP": 9.0, "segm/AP50": 20.0},
+            {"iteration": 1499, "segm/AP": 9.5, "segm/AP50": 22.5}, {"iteration": 2999, "segm/AP": 11.9,
+            "segm/AP50": 27.5}]  # fmt: skip
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prefix = str(tmp_path / "page")
+    raw = tool.main(["--run", f"micro q50={run}", "--output", prefix])
+    (r,) = raw["runs"]
+    assert r["settings"]["backbone width"] == 32 and r["settings"]["queries"] == 50
+    assert r["settings"]["lr drops at"] == [2400] and r["settings"]["batch"] is None  # absent from the file
+    assert r["iterations_run"] == 3000 and r["median_step_s"] == 0.5
+    assert r["curve"] == [{"iteration": 1500, "AP": 9.5, "AP50": 22.5}, {"iteration": 3000, "AP": 11.9, "AP50": 27.5}]
+    page = Path(prefix + ".md").read_text()
+    assert "**micro q50**: 1500: 9.5 (22.5), 3000: 11.9 (27.5)" in page and os.path.getsize(prefix + ".png") > 0
+    os.remove(prefix + ".md")
+    tool.main(["--report-only", "--output", prefix])
+    assert Path(prefix + ".md").read_text() == page
+    with pytest.raises(SystemExit, match="not a tools/train_net.py output folder"):
+        tool.main(["--run", f"x={tmp_path / 'nothing'}", "--output", prefix])
+    with pytest.raises(SystemExit):
+        tool.main(["--run", "no-equals-sign", "--output", prefix])

@@ -243,10 +243,11 @@ def iteration_text(label, out_dir) -> str | None:
             + (f"; val AP at {ap}" if ap else ""))  # fmt: skip
 
 
-def learning_curve(rows) -> list[dict]:
-    """[{iteration, AP}] from metrics.json rows; a resumed run may have logged an evaluation twice: the last wins."""
-    ap = {r["iteration"] + 1: r["segm/AP"] for r in rows if "segm/AP" in r}
-    return [{"iteration": it, "AP": v} for it, v in sorted(ap.items())]
+def learning_curve(rows, metrics=("AP",)) -> list[dict]:
+    """[{iteration, AP}] (and the other segm `metrics`) from metrics.json rows; a resumed run may have logged an
+    evaluation twice: the last wins."""
+    evals = {r["iteration"] + 1: r for r in rows if "segm/AP" in r}
+    return [{"iteration": it, **{m: r[f"segm/{m}"] for m in metrics}} for it, r in sorted(evals.items())]
 
 
 def curve_text(curve) -> str:
