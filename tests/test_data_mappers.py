@@ -151,8 +151,8 @@ def _one_crop_cuts_away(mapper_name, **overrides):
     masks = np.zeros((2, SIZE, SIZE), np.uint8)
     masks[0, :20, :20] = masks[1, 44:, 44:] = 1
     d = {"file_name": "", "height": SIZE, "width": SIZE, "image_id": 0, "annotations": [
-        {"segmentation": mask_util.encode(np.asfortranarray(m)), "category_id": k, "iscrowd": 0, "bbox": [0, 0, 1, 1],
-         "bbox_mode": 1} for k, m in enumerate(masks)]}
+        {"segmentation": mask_util.encode(np.asfortranarray(m)), "category_id": k, "iscrowd": 0, "bbox": box,
+         "bbox_mode": 1} for k, (m, box) in enumerate(zip(masks, ([0, 0, 20, 20], [44, 44, 20, 20])))]}
     seen = set()
     for _ in range(30):
         out = mapper(copy.deepcopy(d))
@@ -170,6 +170,36 @@ def test_instances_cut_away_by_the_crop_are_dropped(monkeypatch):
     monkeypatch.setattr(detection_utils, "check_image_size", lambda *a: None)
     assert _one_crop_cuts_away("mask_former_instance") >= {0, 1}
     assert _one_crop_cuts_away("tile_instance", **{"INPUT.RANDOM_FLIP": "both"}) >= {0, 1}
+
+
+@pytest.mark.parametrize("fmt", ["rle", "polygon"])
+def test_masks_outside_the_crop_are_not_decoded_and_nothing_else_changes(data, fmt, monkeypatch):
+    """The mappers decode only the masks whose box overlaps the crop (overlapping_annotations): with scale
+    jitter, crops and flips both ways, every output equals the one that decodes every mask."""
+    from peft_d2.data.dataset_mappers import mask_former
+
+    opts = {"INPUT.CROP.ENABLED": True, "INPUT.CROP.TYPE": "absolute", "INPUT.CROP.SIZE": (24, 24),
+            "INPUT.MIN_SCALE": 0.5, "INPUT.MAX_SCALE": 2.0, "INPUT.RANDOM_FLIP": "both"}  # fmt: skip
+    mapper = build_train_mapper(make_cfg("tile_instance", **opts))
+    decoded = []
+    filtered = mask_former.overlapping_annotations
+
+    def counting(annos, transforms, shape):
+        kept = filtered(annos, transforms, shape)
+        decoded.append((len(kept), len(annos)))
+        return kept
+
+    outputs = {}
+    for name, fn in (("filtered", counting), ("all", lambda annos, transforms, shape: annos)):
+        monkeypatch.setattr(mask_former, "overlapping_annotations", fn)
+        np.random.seed(0)
+        outputs[name] = [mapper(copy.deepcopy(d)) for _ in range(10) for d in data[fmt]]
+    for a, b in zip(outputs["filtered"], outputs["all"]):
+        assert torch.equal(a["image"], b["image"])
+        assert torch.equal(a["instances"].gt_classes, b["instances"].gt_classes)
+        assert torch.equal(a["instances"].gt_masks, b["instances"].gt_masks)
+    assert sum(k for k, _ in decoded) < sum(n for _, n in decoded)  # some masks were never decoded
+    assert sum(len(o["instances"]) for o in outputs["all"]) > 0
 
 
 def test_tile_instance_keeps_native_scale(data):

@@ -8,7 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.data import transforms as T
-from detectron2.structures import polygons_to_bitmask
+from detectron2.structures import BoxMode, polygons_to_bitmask
 from torch.nn import functional as F
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "pad_to_divisible",
     "segmentation_to_mask",
     "transformed_instance_masks",
+    "overlapping_annotations",
     "rgb_to_panoptic_id",
     "image_to_tensor",
 ]
@@ -111,6 +112,23 @@ def transformed_instance_masks(annos: list[dict], transforms, height: int, width
     transforms fill segmentations with their pad value (255 in FixedSizeCrop), which must not become foreground.
     """
     return [transforms.apply_segmentation(segmentation_to_mask(a["segmentation"], height, width)) == 1 for a in annos]
+
+
+def overlapping_annotations(annos: list[dict], transforms, shape: tuple[int, int]) -> list[dict]:
+    """The annotations whose box, pushed through `transforms`, overlaps the transformed image of `shape` (H, W):
+    the others cannot have a pixel in it, so their masks need not be decoded (a 128 px crop of a crowded
+    520 x 696 image holds a tenth of its nuclei). Boxes are widened by a pixel on each side first (a polygon's
+    rasterised pixels may stray past its box), and a rotation's transformed box bounds the rotated one, so no
+    overlapping mask is dropped; an annotation kept but cut away is dropped by its empty mask later.
+    Annotations without a box are all kept."""
+    if not annos or any("bbox" not in a for a in annos):
+        return annos
+    boxes = np.array([BoxMode.convert(a["bbox"], a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
+                      for a in annos], dtype=np.float64).reshape(-1, 4)  # fmt: skip
+    boxes = transforms.apply_box(boxes + np.array([-1.0, -1.0, 1.0, 1.0]))
+    h, w = shape
+    inside = (boxes[:, 2] > 0) & (boxes[:, 0] < w) & (boxes[:, 3] > 0) & (boxes[:, 1] < h)
+    return [a for a, keep in zip(annos, inside) if keep]
 
 
 def rgb_to_panoptic_id(rgb: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from .common import (
     color_augmentation,
     flip_augmentation,
     image_to_tensor,
+    overlapping_annotations,
     pad_to_divisible,
     resize_crop_flip_augmentations,
     rgb_to_panoptic_id,
@@ -158,6 +159,7 @@ class MaskFormerInstanceDatasetMapper(_MaskFormerMapperBase):
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
+        annos = overlapping_annotations(annos, transforms, image.shape[:2])
         masks = transformed_instance_masks(annos, transforms, h0, w0)
         kept = [i for i, m in enumerate(masks) if m.any()]
         masks = [masks[i] for i in kept]
