@@ -5,6 +5,8 @@ optimizer group of the registered methods, and one sub-node per method made from
 fields (key, default, doc). `python -m peft_d2.config` prints the key table the README carries.
 """
 
+import argparse
+import difflib
 import json
 
 from detectron2.config import CfgNode as CN
@@ -133,6 +135,68 @@ def get_cfg() -> CN:
     for fn in config_functions():
         fn(cfg)
     return cfg
+
+
+def _items(node: CN, prefix: str = ""):
+    """(dotted key, value) of every key of `node`, sub-nodes included (MODEL, MODEL.PEFT, MODEL.PEFT.LORA.RANK...)."""
+    for key, value in node.items():
+        yield prefix + key, value
+        if isinstance(value, CN):
+            yield from _items(value, f"{prefix}{key}.")
+
+
+def unknown_key_message(cfg: CN, key: str, where: str) -> str:
+    """What to say about `key`, which `cfg` lacks: the closest valid keys (difflib over the keys of the same
+    depth), or, when none is close, the keys of its deepest existing node."""
+    depth = key.count(".")
+    close = difflib.get_close_matches(key, [k for k, _ in _items(cfg) if k.count(".") == depth], n=3)
+    if close:
+        return f"Non-existent config key {key} {where}; closest valid keys: {', '.join(close)}"
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), CN):
+            parts = parts[:i]
+            break
+        node = node[part]
+    else:
+        parts = parts[:-1]
+    owner = f"{'.'.join(parts)} has" if parts else "the config's top-level keys are"
+    return f"Non-existent config key {key} {where}; {owner}: {', '.join(node)}"
+
+
+def merge_config(cfg: CN, config_file: str | None = None, opts=()) -> CN:
+    """`cfg.merge_from_file(config_file)`, then `cfg.merge_from_list(opts)` (the command line's KEY VALUE
+    overrides), in place; returns `cfg`. A key `cfg` lacks is a PeftConfigError naming the key, where it came
+    from and the closest valid keys, instead of yacs' bare "Non-existent key"."""
+    steps = [(cfg.merge_from_file, config_file, f"in {config_file} (or a file of its _BASE_ chain)")]
+    steps = steps if config_file else []
+    steps.append((cfg.merge_from_list, list(opts), "on the command line (KEY VALUE overrides)"))
+    for merge, arg, where in steps:
+        try:
+            merge(arg)
+        except (KeyError, AssertionError) as e:  # yacs: KeyError for files, an assertion for lists
+            message = str(e.args[0]) if e.args else ""
+            key = message.partition("Non-existent key: ")[2] or message.partition("Non-existent config key: ")[2]
+            if not key:
+                raise
+            raise PeftConfigError(unknown_key_message(cfg, key, where)) from None
+    return cfg
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """`parser.parse_args(argv)` for a tool whose KEY VALUE config overrides come last (`opts`, argparse's
+    REMAINDER, as detectron2's default_argument_parser has it). argparse hands everything after the first
+    override to `opts`, options included; an option there (`--adapter` after the overrides) would reach the
+    config as a key: it is a usage error instead."""
+    args = parser.parse_args(argv)
+    opts = args.opts
+    misplaced = [o for i, o in enumerate(opts) if o.startswith("--") or (i % 2 == 0 and o.startswith("-"))]
+    if misplaced:
+        parser.error(
+            f"option {misplaced[0]} after the KEY VALUE config overrides (they start at {opts[0]!r}), where it "
+            "would be read as a config key: options go before the KEY VALUE overrides"
+        )
+    return args
 
 
 if __name__ == "__main__":

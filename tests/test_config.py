@@ -36,3 +36,46 @@ def test_values_reach_the_config():
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(PeftConfigError, match=key.replace(".", r"\.")):
         peft_config_from_cfg(cfg_with(**{key: value}))
+
+
+def test_a_misspelt_key_gets_the_closest_valid_keys(tmp_path):
+    from peft_d2.config import get_cfg, merge_config
+
+    with pytest.raises(PeftConfigError, match=r"^Non-existent config key MODEL.PEFT.LORA.RANKK on the command line "
+                       r"\(KEY VALUE overrides\); closest valid keys: MODEL.PEFT.LORA.RANK, MODEL.PEFT.LORA.RSLORA, "
+                       r"MODEL.PEFT.LORA.ALPHA$"):
+        merge_config(get_cfg(), opts=["MODEL.PEFT.LORA.RANKK", "4"])
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  MAXITER: 10\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\n")
+    with pytest.raises(PeftConfigError, match=rf"^Non-existent config key SOLVER.MAXITER in {tmp_path}/child.yaml \(or "
+                       r"a file of its _BASE_ chain\); closest valid keys: SOLVER.MAX_ITER, "):
+        merge_config(get_cfg(), str(tmp_path / "child.yaml"))
+    (tmp_path / "node.yaml").write_text("MODEL:\n  PEFTT:\n    LORA:\n      RANK: 4\n")
+    with pytest.raises(PeftConfigError, match=r"key MODEL.PEFTT in .*node.yaml .*; closest valid keys: MODEL.PEFT,"):
+        merge_config(get_cfg(), str(tmp_path / "node.yaml"))  # yacs names the node: keys of its depth
+    with pytest.raises(PeftConfigError, match=r"config key FOO on the command line \(KEY VALUE overrides\); the "
+                       r"config's top-level keys are: VERSION, MODEL, INPUT, "):  # nothing close
+        merge_config(get_cfg(), opts=["FOO", "1"])
+    (tmp_path / "ok.yaml").write_text("SOLVER:\n  MAX_ITER: 10\n")
+    cfg = merge_config(get_cfg(), str(tmp_path / "ok.yaml"), ["SOLVER.BASE_LR", "0.5"])
+    assert cfg.SOLVER.MAX_ITER == 10 and cfg.SOLVER.BASE_LR == 0.5
+
+
+def test_an_option_after_the_overrides_is_a_usage_error(capsys):
+    import argparse
+
+    from peft_d2.config import parse_command_line
+
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--adapter")
+    parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parse_command_line(parser, ["--adapter", "a", "SEED", "-1", "OUTPUT_DIR", "x"])  # a negative value is fine
+    assert args.adapter == "a" and args.opts == ["SEED", "-1", "OUTPUT_DIR", "x"]
+    for argv, option in ((["SEED", "1", "--adapter", "a"], "--adapter"), (["SEED", "1", "--eval-only"], "--eval-only"),
+                         (["SEED", "--adapter", "a"], "--adapter")):
+        with pytest.raises(SystemExit) as e:
+            parse_command_line(parser, argv)
+        assert e.value.code == 2
+        assert (f"tool: error: option {option} after the KEY VALUE config overrides (they start at 'SEED'), where it "
+                "would be read as a config key: options go before the KEY VALUE overrides") in capsys.readouterr().err

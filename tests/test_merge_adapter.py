@@ -11,6 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import peft_d2.build  # noqa: F401
+from peft_d2 import PeftConfigError
 from peft_d2 import checkpoint as ckpt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
@@ -121,3 +122,17 @@ def test_sfa_adapter_merges_and_the_merged_config_needs_no_peft_keys(tmp_path):
         want = adapted.roi_heads.box_head(x)
         assert not torch.allclose(want, build_model(small_rcnn_cfg()).roi_heads.box_head(x))
         torch.testing.assert_close(plain.roi_heads.box_head(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_command_line_mistakes_are_named(tmp_path, capsys):
+    """A misspelt key gets the closest valid ones; --adapter after the KEY VALUE overrides is a usage error."""
+    (tmp_path / "peft.yaml").write_text(small_rcnn_cfg(**PEFT_OPTS).dump())
+    argv = ["--config-file", str(tmp_path / "peft.yaml"), "--output", str(tmp_path / "m.pth")]
+    with pytest.raises(PeftConfigError, match=r"Non-existent config key MODEL.PEFT.LORA.RANKK on the command line "
+                       r"\(KEY VALUE overrides\); closest valid keys: MODEL.PEFT.LORA.RANK, "):
+        merge_adapter.main([*argv, "MODEL.PEFT.LORA.RANKK", "4"])
+    with pytest.raises(SystemExit) as e:
+        merge_adapter.main([*argv, "MODEL.WEIGHTS", "", "--adapter", "a.safetensors"])
+    assert e.value.code == 2
+    assert ("error: option --adapter after the KEY VALUE config overrides (they start at 'MODEL.WEIGHTS'), where it "
+            "would be read as a config key: options go before the KEY VALUE overrides") in capsys.readouterr().err

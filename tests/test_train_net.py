@@ -270,3 +270,25 @@ def test_ade20k_panoptic_instance_evaluation_renumbers_things(train_net_module, 
         assert res["segm"]["AP"] == pytest.approx(100.0)
     finally:
         register_all_datasets()
+
+
+def test_command_line_mistakes_are_named_before_anything_runs(train_net_module, tmp_path, monkeypatch, capsys):
+    """A misspelt key gets the closest valid keys; --adapter after the KEY VALUE overrides is a usage error
+    (argparse had handed it to the overrides: "Non-existent key: --adapter")."""
+    from peft_d2.errors import PeftConfigError
+
+    monkeypatch.setattr(train_net_module, "launch", lambda *a, **k: pytest.fail("launched"))
+    peft = str(ROOT / "configs" / "synthetic" / "peft" / "lora_backbone.yaml")
+    with pytest.raises(SystemExit) as e:
+        train_net_module.run(["--config-file", peft, "--eval-only", "MODEL.WEIGHTS", "base.pth", "--adapter", "a=a.st"])
+    assert e.value.code == 2
+    assert ("error: option --adapter after the KEY VALUE config overrides (they start at "
+            "'MODEL.WEIGHTS'), where it would be read as a config key: options go before the KEY VALUE "
+            "overrides") in capsys.readouterr().err
+    args = train_net_module.argument_parser().parse_args(
+        ["--config-file", peft, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.PEFT.LORA.RANKK", "4"])
+    with pytest.raises(PeftConfigError, match=r"^Non-existent config key MODEL.PEFT.LORA.RANKK on the command line "
+                       r"\(KEY VALUE overrides\); closest valid keys: MODEL.PEFT.LORA.RANK, "):
+        train_net_module.setup(args)
+    assert not (tmp_path / "out").exists()  # refused before the run's set-up
+

@@ -31,14 +31,12 @@ sys.path.insert(0, ROOT)
 
 
 def load_cfg(base, peft_yaml, device):
-    from peft_d2.config import get_cfg
+    from peft_d2.config import get_cfg, merge_config
 
-    cfg = get_cfg()
-    cfg.merge_from_file(peft_yaml)
+    cfg = merge_config(get_cfg(), peft_yaml)
     if base:
         peft = cfg.MODEL.PEFT.clone()
-        cfg = get_cfg()
-        cfg.merge_from_file(base)
+        cfg = merge_config(get_cfg(), base)
         cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.PEFT = "PEFT", peft
         cfg.MODEL.PEFT.BASE_META_ARCHITECTURE = "MaskFormer"
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""

@@ -37,15 +37,13 @@ def build(config, base, device):
     from detectron2.modeling import build_model
 
     from peft_d2.build import build_base_model
-    from peft_d2.config import get_cfg, peft_config_from_cfg
+    from peft_d2.config import get_cfg, merge_config, peft_config_from_cfg
     from peft_d2.inject import inject
     from peft_d2.tuners import sfa
 
-    cfg = get_cfg()
-    cfg.merge_from_file(base)
+    cfg = merge_config(get_cfg(), base)
     if config is not None:  # apply the PEFT file's meta-architecture and MODEL.PEFT node to the base
-        peft = get_cfg()
-        peft.merge_from_file(config)
+        peft = merge_config(get_cfg(), config)
         cfg.MODEL.META_ARCHITECTURE = peft.MODEL.META_ARCHITECTURE
         cfg.MODEL.PEFT = peft.MODEL.PEFT
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""

@@ -22,7 +22,7 @@ from tabulate import tabulate  # noqa: E402
 
 import peft_d2.build  # noqa: E402,F401
 import peft_d2.modeling  # noqa: E402,F401
-from peft_d2.config import get_cfg  # noqa: E402
+from peft_d2.config import get_cfg, merge_config, parse_command_line  # noqa: E402
 from peft_d2.data import register_all_datasets  # noqa: E402
 from peft_d2.engine import PeftCheckpointer  # noqa: E402
 from peft_d2.tuners.mopeft import SUBMODULES, MoPEFTGates  # noqa: E402
@@ -55,11 +55,9 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the numbers here")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     register_all_datasets()
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_config(get_cfg(), args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(cfg)
     ckpt = PeftCheckpointer(model)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
 from peft_d2.build import build_base_model  # noqa: E402
 from peft_d2.checkpoint import atomic_write, inject_from_checkpoint, merged_state_dict  # noqa: E402
-from peft_d2.config import get_cfg  # noqa: E402
+from peft_d2.config import get_cfg, merge_config, parse_command_line  # noqa: E402
 
 
 def merge(cfg, adapter: str, output: str) -> str:
@@ -52,10 +52,8 @@ def main(argv=None):
     parser.add_argument("--adapter", default="", help="adapter file (default: MODEL.PEFT.WEIGHTS)")
     parser.add_argument("--output", required=True)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
-    args = parser.parse_args(argv)
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    args = parse_command_line(parser, argv)
+    cfg = merge_config(get_cfg(), args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     adapter = args.adapter or cfg.MODEL.PEFT.WEIGHTS
     if not adapter:

@@ -26,7 +26,7 @@ import peft_d2.modeling  # noqa: E402,F401
 from peft_d2 import PeftConfigError  # noqa: E402
 from peft_d2.build import build_base_model  # noqa: E402
 from peft_d2.checkpoint import save_adapter  # noqa: E402
-from peft_d2.config import get_cfg  # noqa: E402
+from peft_d2.config import get_cfg, merge_config  # noqa: E402
 from peft_d2.inject import parameter_report  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
@@ -34,11 +34,10 @@ from peft_d2.tuners import sfa  # noqa: E402
 def load_cfg(path, base=None):
     cfg = get_cfg()
     if base is None:
-        cfg.merge_from_file(path)
+        merge_config(cfg, path)
     else:
-        cfg.merge_from_file(base)
-        peft = get_cfg()
-        peft.merge_from_file(path)
+        merge_config(cfg, base)
+        peft = merge_config(get_cfg(), path)
         cfg.MODEL.META_ARCHITECTURE = peft.MODEL.META_ARCHITECTURE
         cfg.MODEL.PEFT = peft.MODEL.PEFT
     cfg.MODEL.DEVICE = "cpu"

@@ -51,7 +51,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import peft_d2.modeling  # noqa: E402,F401  (registers MaskFormer, D2SwinTransformer, heads)
 from peft_d2.build import build_base_model  # noqa: E402  (and registers the PEFT meta-architecture, backbone)
 from peft_d2.checkpoint import inject_from_checkpoint, load_adapter  # noqa: E402
-from peft_d2.config import config_functions, peft_config_from_cfg  # noqa: E402
+from peft_d2.config import config_functions, merge_config, parse_command_line, peft_config_from_cfg  # noqa: E402
 from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
 from peft_d2.engine import (  # noqa: E402
     NORM_TYPES,
@@ -367,8 +367,7 @@ def setup(args):
     cfg = get_cfg()
     for fn in CONFIG_FUNCTIONS:
         fn(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
@@ -466,7 +465,7 @@ def argument_parser():
 
 
 def run(argv=None):
-    args = argument_parser().parse_args(argv)
+    args = parse_command_line(argument_parser(), argv)
     logging.getLogger("peft_d2").info(f"Command line arguments: {args}")
     return launch(
         main,
