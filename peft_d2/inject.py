@@ -131,14 +131,14 @@ def peft_parameter_names(model: nn.Module, buffers: bool = False) -> "OrderedDic
 
 def mark_trainable(model: nn.Module, patterns=()) -> None:
     """requires_grad = True for PEFT parameters and base parameters matching a glob in `patterns`, False
-    for the rest. Each pattern must match a parameter (the error lists the closest names)."""
+    for the rest. Each pattern must match a parameter (the error suggests a near pattern that does)."""
     peft = peft_parameter_names(model)
     names = [n for n, _ in model.named_parameters()]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise PeftConfigError(
-                f"MODEL.PEFT.TRAINABLE: pattern {pattern!r} matches no parameter; closest names: "
-                f"{sites.closest([pattern], names)}"
+                f"MODEL.PEFT.TRAINABLE: pattern {pattern!r} matches no parameter; "
+                f"{sites.suggest([pattern], names, 'parameter')}"
             )
     for name, p in model.named_parameters():
         p.requires_grad_(name in peft or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))

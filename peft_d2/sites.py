@@ -57,17 +57,17 @@ def find_modules(model: nn.Module, predicate, patterns=("*",), key: str = "") ->
             if any(fnmatch.fnmatchcase(path, p) for p in patterns):
                 found.append((path, module))
     if not found:
-        kinds = [p for p in skip] or [p for p, _ in model.named_modules() if p]
+        paths = skip or [p for p, _ in model.named_modules() if p]
         raise PeftConfigError(
             f"{key or 'target'} {list(patterns)} matches no site in {type(model).__name__}; "
-            f"closest candidates: {closest(patterns, kinds)}"
+            f"{suggest(patterns, paths, 'site' if skip else 'module')}"
         )
     return found
 
 
 def match_modules(model: nn.Module, patterns, key: str) -> list:
     """(path, module) for every module whose path matches one of the glob `patterns` (fnmatch). Each pattern
-    must match at least one module; otherwise the error lists the closest real module names."""
+    must match at least one module; otherwise the error suggests a near pattern that does (`suggest`)."""
     names = [p for p, _ in model.named_modules() if p]
     modules = dict(model.named_modules())
     found = {}
@@ -76,22 +76,54 @@ def match_modules(model: nn.Module, patterns, key: str) -> list:
         if not hits:
             raise PeftConfigError(
                 f"{key}: pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"closest module names: {closest([pattern], names)}"
+                f"{suggest([pattern], names)}"
             )
         for n in hits:
             found[n] = modules[n]
     return list(found.items())
 
 
-def closest(patterns, names, n: int = 5) -> list:
-    """The real names nearest to the patterns (wildcards removed), for error messages."""
+def suggest(patterns, names, noun: str = "module") -> str:
+    """What to suggest for glob `patterns` that match none of `names` (dotted paths), for error messages.
+
+    First the patterns one dotted part away that do match: each literal part in turn replaced by the nearest
+    real parts (difflib over the parts of `names`), the pattern's wildcards kept, so that
+    'backbone.layers.*.blocks.*.attn.qvk' gets 'backbone.layers.*.blocks.*.attn.qkv'. Otherwise the names
+    nearest to the whole pattern (wildcards removed), or, when none is near, the top-level names."""
+    repairs = {}
+    for pattern in patterns:
+        for ratio, fixed, hits in _repairs(pattern, names):
+            repairs.setdefault(fixed, (ratio, hits))
+    if repairs:
+        best = sorted(repairs.items(), key=lambda kv: (-kv[1][0], -len(kv[1][1])))[:3]
+        plural = noun + "s"
+        options = [f"{fixed!r} ({len(hits)} {noun if len(hits) == 1 else plural}, e.g. {hits[0]})"
+                   for fixed, (_, hits) in best]
+        return f"did you mean {' or '.join(options)}?"
+    near = []
+    for pattern in patterns:
+        stripped = pattern.replace("*", "").replace("?", "").strip(".")
+        near += [x for x in difflib.get_close_matches(stripped, names, n=5) if x not in near]
+    if near:
+        return f"closest {noun} names: {near[:5]}"
+    top = sorted({name.split(".")[0] for name in names})
+    return f"no {noun} name is close; the top-level names are {top}"
+
+
+def _repairs(pattern: str, names) -> list:
+    """(similarity, repaired pattern, names it matches) for each pattern made from `pattern` by replacing one
+    literal dotted part (wildcards around it kept) with a near real part, that matches some of `names`."""
+    parts = pattern.split(".")
+    vocabulary = sorted({part for name in names for part in name.split(".")})
     out = []
-    for p in patterns:
-        stripped = p.replace("*", "").replace("?", "").strip(".")
-        out += difflib.get_close_matches(stripped, names, n=n, cutoff=0.0)
-        out += [x for x in names if stripped and stripped.split(".")[-1] in x][:n]
-    seen = []
-    for x in out:
-        if x not in seen:
-            seen.append(x)
-    return seen[:n]
+    for i, part in enumerate(parts):
+        word = part.strip("*?")
+        if not word or any(c in word for c in "*?[]"):
+            continue
+        head, tail = part[: part.index(word)], part[part.index(word) + len(word):]
+        for real in difflib.get_close_matches(word, vocabulary, n=3):
+            fixed = ".".join([*parts[:i], head + real + tail, *parts[i + 1:]])
+            hits = [name for name in names if fnmatch.fnmatchcase(name, fixed)]
+            if real != word and hits:
+                out.append((difflib.SequenceMatcher(None, word, real).ratio(), fixed, hits))
+    return out

@@ -114,17 +114,46 @@ def test_deepcopy_keeps_hooks_working():
     assert any(not torch.allclose(a, b) for a, b in zip(outputs(model, x), outputs(clone, x)))
 
 
-def test_pattern_matching_nothing_lists_closest_names():
+def test_pattern_matching_nothing_suggests_the_pattern_repaired():
     model = tiny_vit()
     cfg = PeftConfig(methods=("lora",), lora=LoRAConfig(targets=["blocks.*.atn.qkv"]))
-    with pytest.raises(PeftConfigError, match=r"MODEL.PEFT.LORA.TARGETS.*blocks\.\d\.attn\.qkv"):
+    with pytest.raises(PeftConfigError, match=r"MODEL.PEFT.LORA.TARGETS: pattern 'blocks.\*.atn.qkv' matches no module "
+                       r"of ViT; did you mean 'blocks.\*.attn.qkv' \(3 modules, e.g. blocks.0.attn.qkv\)\?"):
         inject(model, cfg)
     assert not any(p for n, p in model.named_parameters() if "lora" in n)
+
+
+@pytest.mark.parametrize("pattern, suggestion", [
+    ("layers.*.blocks.*.attn.qvk",
+     "did you mean 'layers.*.blocks.*.attn.qkv' (4 modules, e.g. layers.0.blocks.0.attn.qkv)?"),
+    ("layers.*.block.*.attn.qkv", "did you mean 'layers.*.blocks.*.attn.qkv' (4 modules"),
+    ("*qvk", "did you mean '*qkv' (4 modules"),  # was: ['layers.1.blocks', 'layers.0.blocks', ...]
+    ("*.mlp.fc3", "did you mean '*.mlp.fc2' (4 modules, e.g. layers.0.blocks.0.mlp.fc2) or '*.mlp.fc1' (4 modules"),
+    ("layers.5.blocks.0.attn.qkv", "closest module names: ['layers.1.blocks.0.attn.qkv', 'layers.0.blocks.0.attn.qkv'"),
+    ("head.classifier",
+     "no module name is close; the top-level names are ['layers', 'norm0', 'norm1', 'patch_embed', 'pos_drop']"),
+])
+def test_a_target_matching_nothing_gets_names_near_its_own_parts(pattern, suggestion):
+    cfg = PeftConfig(methods=("lora",), lora=LoRAConfig(targets=[pattern]))
+    with pytest.raises(PeftConfigError) as e:
+        inject(tiny_swin(), cfg)
+    prefix = f"MODEL.PEFT.LORA.TARGETS: pattern {pattern!r} matches no module of SwinTransformer; "
+    assert str(e.value).startswith(prefix) and suggestion in str(e.value)
+
+
+def test_a_block_pattern_matching_no_block_gets_a_block_pattern():
+    cfg = PeftConfig(methods=("adapter",), adapter=AdapterConfig(blocks=("layers.*.blcks.*",)))
+    with pytest.raises(PeftConfigError, match=r"MODEL.PEFT.ADAPTER.BLOCKS \['layers.\*.blcks.\*'\] matches no site in "
+                       r"SwinTransformer; did you mean 'layers.\*.blocks.\*' \(4 sites, e.g. layers.0.blocks.0\)\?"):
+        inject(tiny_swin(), cfg)
 
 
 def test_trainable_pattern_matching_nothing():
     with pytest.raises(PeftConfigError, match="MODEL.PEFT.TRAINABLE.*'head.nope'"):
         inject(tiny_vit(), PeftConfig(methods=("adapter",), trainable=("head.nope",)))
+    with pytest.raises(PeftConfigError, match=r"pattern 'blocks.\*.nrm1.\*' matches no parameter; did you mean "
+                       r"'blocks.\*.norm1.\*' \(6 parameters, e.g. blocks.0.norm1.weight\) or 'blocks.\*.norm2.\*'"):
+        inject(tiny_vit(), PeftConfig(methods=("adapter",), trainable=("blocks.*.nrm1.*",)))
 
 
 def test_method_on_wrong_module_names_path_and_type():
