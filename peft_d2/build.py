@@ -15,7 +15,7 @@ import logging
 import torch
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
-from .config import peft_config_from_cfg
+from .config import base_config, peft_config_from_cfg
 from .errors import PeftConfigError
 from .inject import format_report, inject
 
@@ -46,6 +46,7 @@ def build_base_model(cfg):
     SFA, whose selection comes before injection, and for injecting from an adapter file."""
     model = _base_meta_architecture(cfg)(cfg)
     model.to(torch.device(cfg.MODEL.DEVICE))
+    model.peft_base_config = base_config(cfg)  # recorded by adapter files: see peft_d2.checkpoint
     return model
 
 
@@ -58,6 +59,7 @@ def PEFT(cfg):  # noqa: N802 - registry names are the config values
     model = meta_arch(cfg)
     report = inject(model, peft_config_from_cfg(cfg))
     model.peft_report = report
+    model.peft_base_config = base_config(cfg)
     logger.info("PEFT on %s:\n%s", name, format_report(report))
     return model
 

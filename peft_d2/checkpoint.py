@@ -12,6 +12,7 @@ an atomic rename.
 import hashlib
 import json
 import os
+import shlex
 import uuid
 
 import torch
@@ -78,6 +79,7 @@ def save_adapter(model: nn.Module, path: str, extra_metadata: dict | None = None
         "peft_config": json.dumps(config.to_dict()),
         "base_fingerprint": base_fingerprint(model),
         "base_digest": json.dumps(base_digest(model, exclude=tensors)),
+        **({"base_config": json.dumps(model.peft_base_config)} if hasattr(model, "peft_base_config") else {}),
         **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()},
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -134,23 +136,52 @@ def read_adapter(path: str):
     return tensors, metadata, config
 
 
-def _check_base(model: nn.Module, path: str, metadata: dict) -> None:
+def _shape_differences(model: nn.Module, tensors: dict) -> str:
+    """A sentence naming the file's tensors whose shapes differ from the model's ("" when none does)."""
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    shapes = [f"{k} {tuple(t.shape)} in the file, {tuple(params[k].shape)} here"
+              for k, t in tensors.items() if k in params and t.shape != params[k].shape]
+    more = f" (and {len(shapes) - 3} more)" if len(shapes) > 3 else ""
+    return f"Tensor shapes differ: {'; '.join(shapes[:3])}{more}.\n" if shapes else ""
+
+
+def _config_differences(model: nn.Module, metadata: dict, most: int = 8) -> str:
+    """Sentences naming the config values (MODEL.*) of the run that made the file that differ from those
+    `model` was built with, and the KEY VALUE overrides that build the file's base ("" when unknown or none
+    differ). peft_d2's builders keep these values on the model (`peft_base_config`); save_adapter records them."""
+    theirs, ours = json.loads(metadata.get("base_config", "{}")), getattr(model, "peft_base_config", {})
+    keys = [k for k in theirs if k in ours and theirs[k] != ours[k]]
+    if not keys:
+        return ""
+    more = ""
+    if len(keys) > most:
+        more = f" (and {len(keys) - most} more: see the config.yaml of the run that made the file)"
+    values = "; ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in keys[:most])
+    overrides = " ".join(f"{k} {shlex.quote(str(theirs[k]))}" for k in keys[:most])
+    return (f"The run that made the file had other config values: {values}{more}.\nTo build and load that base, add "
+            f"these KEY VALUE overrides to the command line: {overrides}\n")
+
+
+def _check_base(model: nn.Module, path: str, metadata: dict, tensors: dict) -> None:
     """The base fingerprint (names and shapes) and digest (values) of the file against `model`'s (plain or
-    injected: the base tensors are the same)."""
+    injected: the base tensors are the same). The error says what differs, as far as the file tells: the shapes
+    of its own tensors, the config values of the run that made it."""
     if metadata.get("base_fingerprint") != base_fingerprint(model):
         raise PeftCheckpointError(
-            f"adapter checkpoint {path!r} was made for another base model (fingerprint of base parameter "
-            f"names and shapes differs); only if you know the bases are compatible, skip the check: {SKIP_CHECK}"
+            f"adapter checkpoint {path!r} was made for another base model: the names or shapes of its base "
+            f"parameters differ from this model's.\n{_shape_differences(model, tensors)}"
+            f"{_config_differences(model, metadata)}Only if you know the bases are compatible, skip the check: "
+            f"{SKIP_CHECK}"
         )
     params = dict(model.named_parameters())
     digest = json.loads(metadata.get("base_digest", "{}"))  # files written before the digest existed have none
     differ = [n for n, h in digest.items() if n not in params or _tensor_digest(params[n]) != h]
     if differ:
+        found = _config_differences(model, metadata) or "Load that base's weights (MODEL.WEIGHTS) before the adapter.\n"
         raise PeftCheckpointError(
             f"adapter checkpoint {path!r} was made for another base model: names and shapes match, but the values "
-            f"of base tensors {differ} differ from those of the base it was trained on. Load that base's weights "
-            f"(MODEL.WEIGHTS) before the adapter; only if this base is the right one (e.g. the same weights "
-            f"converted), skip the check: {SKIP_CHECK}"
+            f"of base tensors {differ} differ from those of the base it was trained on.\n{found}Only if this base "
+            f"is the right one (e.g. the same weights converted), skip the check: {SKIP_CHECK}"
         )
 
 
@@ -159,7 +190,7 @@ def load_adapter(model: nn.Module, path: str, check_base: bool = True) -> dict:
     mismatching file leaves the model untouched. Returns the file's metadata."""
     tensors, metadata, _ = read_adapter(path)
     if check_base:
-        _check_base(model, path, metadata)
+        _check_base(model, path, metadata, tensors)
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     unknown = [k for k in tensors if k not in params]
     if unknown:
@@ -182,7 +213,7 @@ def inject_from_checkpoint(model: nn.Module, path: str, check_base: bool = True)
     its tensors. The base is checked before the model changes."""
     tensors, metadata, config = read_adapter(path)
     if check_base:
-        _check_base(model, path, metadata)  # before the model changes
+        _check_base(model, path, metadata, tensors)  # before the model changes
     inputs = {f"{name}_{key}": value for name in config.methods
               for key, value in get_method(name).inputs_from_adapter_file(tensors).items()}
     report = inject(model, config, **inputs)

@@ -164,6 +164,19 @@ def unknown_key_message(cfg: CN, key: str, where: str) -> str:
     return f"Non-existent config key {key} {where}; {owner}: {', '.join(node)}"
 
 
+def base_config(cfg: CN) -> dict:
+    """{dotted key: value} of every MODEL key but MODEL.PEFT and MODEL.DEVICE: the settings that build the base
+    model and load its weights. The "PEFT" meta-architecture keeps them on the model it builds
+    (`peft_base_config`) and adapter files record them, so that loading a file onto another base can name the
+    settings that differ (peft_d2.checkpoint)."""
+    return {f"MODEL.{k}": _json_value(v) for k, v in _items(cfg.MODEL)
+            if not isinstance(v, CN) and k != "DEVICE" and not k.startswith("PEFT.")}
+
+
+def _json_value(value):
+    return [_json_value(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def merge_config(cfg: CN, config_file: str | None = None, opts=()) -> CN:
     """`cfg.merge_from_file(config_file)`, then `cfg.merge_from_list(opts)` (the command line's KEY VALUE
     overrides), in place; returns `cfg`. A key `cfg` lacks is a PeftConfigError naming the key, where it came

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from _models import images, tiny_swin, tiny_vit
+from _models import PEFT_OPTS, images, small_rcnn_cfg, tiny_swin, tiny_vit
 
 from peft_d2 import AdapterConfig, LoRAConfig, PeftCheckpointError, PeftConfig, inject, load_adapters, merge
 from peft_d2 import checkpoint as ckpt
@@ -133,7 +133,7 @@ def test_a_base_of_the_same_shapes_with_other_values_is_refused_and_left_alone(t
         for p in other.parameters():
             p.mul_(1.01)  # the same base, a little changed: every digested tensor differs
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    message = r"another base model: names and shapes match, but the values.*check_base=False.*MODEL.PEFT.CHECK_BASE"
+    message = r"(?s)another base model: names and shapes match, but the values.*check_base=False.*MODEL.PEFT.CHECK_BASE"
     with pytest.raises(PeftCheckpointError, match=message):
         ckpt.inject_from_checkpoint(other, path)
     assert getattr(other, "peft_config", None) is None and other.state_dict().keys() == before.keys()
@@ -148,6 +148,30 @@ def test_a_base_of_the_same_shapes_with_other_values_is_refused_and_left_alone(t
     merge(fresh)  # merged LoRA weights are not digested: the merged model's file still loads onto the base
     again = ckpt.save_adapter(fresh, str(tmp_path / "merged.safetensors"))
     ckpt.inject_from_checkpoint(tiny_vit(), again)
+
+
+def test_another_base_says_what_differs_and_which_overrides_build_it(tmp_path):
+    """A file made by a model that peft_d2 built from a config records that config's MODEL values: loading it onto
+    another base names the tensors whose shapes differ, the config values and the KEY VALUE overrides."""
+    from detectron2.modeling import build_model
+
+    from peft_d2.build import build_base_model  # and registers the PEFT meta-architecture
+
+    wide = build_model(small_rcnn_cfg(**PEFT_OPTS, **{"MODEL.FPN.OUT_CHANNELS": 48}))
+    path = ckpt.save_adapter(wide, str(tmp_path / "wide.safetensors"))
+    narrow = small_rcnn_cfg(**PEFT_OPTS)  # FPN 32 wide
+    config = "MODEL.FPN.OUT_CHANNELS 48 there, 32 here.\nTo build and load that base, add these KEY VALUE " \
+             "overrides to the command line: MODEL.FPN.OUT_CHANNELS 48\n"
+    with pytest.raises(PeftCheckpointError) as injected:
+        ckpt.load_adapter(build_model(narrow), path)
+    message = str(injected.value)
+    assert "the names or shapes of its base parameters differ" in message
+    assert "Tensor shapes differ: backbone.fpn_output2.bias (48,) in the file, (32,) here;" in message
+    assert "(and 2 more)" in message  # fpn_output5.bias, and fc1's LoRA factor, which reads 48 * 7 * 7 features
+    assert config in message and "MODEL.PEFT.CHECK_BASE False" in message
+    with pytest.raises(PeftCheckpointError) as plain:  # the plain base, before injection (tools/merge_adapter.py)
+        ckpt.inject_from_checkpoint(build_base_model(narrow), path)
+    assert config in str(plain.value)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

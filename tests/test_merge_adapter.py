@@ -70,8 +70,11 @@ def test_an_adapter_of_another_base_is_refused_unless_the_command_line_says_so(t
     adapter = ckpt.save_adapter(adapted, str(tmp_path / "adapter.safetensors"))
     argv = ["--config-file", str(tmp_path / "peft.yaml"), "--adapter", adapter, "--output", str(tmp_path / "m.pth"),
             "MODEL.WEIGHTS", str(tmp_path / "base1.pth")]
-    with pytest.raises(ckpt.PeftCheckpointError, match="values of base tensors .*MODEL.PEFT.CHECK_BASE False"):
+    with pytest.raises(ckpt.PeftCheckpointError, match="(?s)values of base tensors .*MODEL.PEFT.CHECK_BASE False") as e:
         merge_adapter.main(argv)
+    base0, base1 = tmp_path / "base0.pth", tmp_path / "base1.pth"  # the file recorded the base it was made on
+    assert f"MODEL.WEIGHTS '{base0}' there, '{base1}' here" in str(e.value)
+    assert f"add these KEY VALUE overrides to the command line: MODEL.WEIGHTS {base0}" in str(e.value)
     assert not (tmp_path / "m.pth").exists()
     umask = os.umask(0o022)
     try:
