@@ -1,4 +1,5 @@
-"""tools/gate_stats.py and tools/param_report.py on small models (no timing here: benchmarks print ratios)."""
+"""tools/gate_stats.py and tools/param_report.py on small models, tools/benchmark_train.py's command line (no timing
+here: benchmarks print ratios)."""
 
 import sys
 from pathlib import Path
@@ -53,3 +54,17 @@ def test_param_report_counts_and_sizes(capsys):
     used = sfa["by_method"]["sfa"] + sfa["by_method"].get("adapter", 0)
     assert 0 < used <= 0.01 * (sfa["total"] - used)  # the SFA budget: 1% of the base model
     assert float(rows["lora_backbone"][7]) < 3  # adapter file under 3% of the full checkpoint
+
+
+def test_benchmark_train_refuses_an_unknown_method_before_building(monkeypatch, capsys):
+    import benchmark_train
+
+    monkeypatch.setattr(benchmark_train, "build", lambda *a: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) as e:
+        benchmark_train.main(["--methods", "lora_backbone", "lora"])
+    assert e.value.code == 2
+    peft = ROOT / "configs" / "synthetic" / "peft"
+    assert (f"error: argument --methods: no config lora.yaml in {peft}; valid names: adapters_1, adapters_2, "
+            "adapters_3, adapters_parallel, baseline_decoder_only, baseline_heads_only, baseline_whole_head, "
+            "cobot_adapter, cobot_lora, lora_adapters, lora_backbone, lora_msdeformattn, mopeft, prefix, sfa "
+            "(or 'all')") in capsys.readouterr().err

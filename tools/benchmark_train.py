@@ -33,6 +33,15 @@ DEFAULT = ["baseline_heads_only", "baseline_whole_head", "lora_backbone", "lora_
 ALL = DEFAULT + ["baseline_decoder_only", "prefix", "mopeft", "cobot_lora", "sfa"]
 
 
+def config_names(peft_dir: str) -> list:
+    """The PEFT configs of `peft_dir` that --methods can name: its yaml files but the shared Base-*.yaml and
+    full_finetune.yaml (the reference that is always measured)."""
+    if not os.path.isdir(peft_dir):
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(peft_dir)
+                  if f.endswith(".yaml") and not f.startswith("Base-") and f != "full_finetune.yaml")
+
+
 def build(config, base, device):
     from detectron2.modeling import build_model
 
@@ -100,17 +109,11 @@ def tensor_bytes(tensors):
 
 
 def main(argv=None):
-    from detectron2.utils.events import EventStorage
-    from tabulate import tabulate
-    from train_net import build_optimizer_from_trainable
-
-    import peft_d2.build  # noqa: F401
-    import peft_d2.modeling  # noqa: F401
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=os.path.join(ROOT, "configs/synthetic/maskformer2_swin_micro_bs4_B.yaml"))
     parser.add_argument("--peft-dir", default=os.path.join(ROOT, "configs/synthetic/peft"))
-    parser.add_argument("--methods", nargs="+", default=DEFAULT, help=f"'all' or names from {ALL}")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT,
+                        help=f"names of configs in --peft-dir, or 'all': {' '.join(ALL)}")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per config and round")
@@ -120,6 +123,19 @@ def main(argv=None):
                         "autocast and a GradScaler on CUDA (bfloat16 autocast on CPU)")
     args = parser.parse_args(argv)
     methods = ALL if args.methods == ["all"] else args.methods
+    known = config_names(args.peft_dir)
+    unknown = [m for m in methods if m not in known]
+    if unknown:  # a usage error before anything is imported or built
+        parser.error(f"argument --methods: no config {unknown[0]}.yaml in {args.peft_dir}; valid names: "
+                     f"{', '.join(known) or '(none)'} (or 'all')")
+
+    from detectron2.utils.events import EventStorage
+    from tabulate import tabulate
+    from train_net import build_optimizer_from_trainable
+
+    import peft_d2.build  # noqa: F401
+    import peft_d2.modeling  # noqa: F401
+
     cuda = args.device.startswith("cuda")
 
     runs = {"full_finetune": build(None, args.base, args.device)}
