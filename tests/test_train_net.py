@@ -292,3 +292,16 @@ def test_command_line_mistakes_are_named_before_anything_runs(train_net_module, 
         train_net_module.setup(args)
     assert not (tmp_path / "out").exists()  # refused before the run's set-up
 
+
+def test_adapter_summary_has_a_row_per_adapter_dataset_and_task(train_net_module):
+    segm = {"AP": 41.25, "AP50": 60.0, "AP75": float("nan"), "AP-stripes": 12.0}
+    results = {"cells": {"cells_val": {"segm": segm, "sem_seg": {"mIoU": 70.5, "IoU-cell": 70.5}}},
+               "roads": {"roads_val": {"segm": {"AP": 9.0, "AP50": 20.0, "AP75": 5.0}}}}
+    assert train_net_module.adapter_summary(results).splitlines() == [  # per-category metrics ('AP-stripes') left out
+        "| adapter   | dataset   | task    |     AP |   AP50 |   AP75 |   mIoU |",
+        "|:----------|:----------|:--------|-------:|-------:|-------:|-------:|",
+        "| cells     | cells_val | segm    | 41.250 | 60.000 |    nan |        |",
+        "| cells     | cells_val | sem_seg |        |        |        | 70.500 |",
+        "| roads     | roads_val | segm    |  9.000 | 20.000 |  5.000 |        |",
+    ]
+    assert train_net_module.adapter_summary({"cells": {"cells_val": {}}}) == "(the evaluators returned no results)"

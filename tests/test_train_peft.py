@@ -118,6 +118,14 @@ def test_eval_only_serves_several_adapters_from_one_base(env, tmp_path):
     flags = [x for name, f in files.items() for x in ("--adapter", f"{name}={f}")]
     served = train(train_net, "lora_backbone", tmp_path / "served", "--eval-only", *flags, opts=weights)
     assert set(served) == {"lora", "adapters"}
+    log = (tmp_path / "served" / "log.txt").read_text()  # each result block names its adapter; one table ends
+    assert [line.partition(": ")[2] for line in log.splitlines() if "Evaluation results of adapter" in line] == [
+        "Evaluation results of adapter 'lora' on synthetic_B_val in csv format:",
+        "Evaluation results of adapter 'adapters' on synthetic_B_val in csv format:"]
+    table = train_net.adapter_summary(served)
+    assert log.endswith(f"Evaluation results of 2 adapters on one base:\n{table}\n")
+    rows = [[cell.strip() for cell in row.split("|")[1:4]] for row in table.splitlines()[2:]]
+    assert rows == [[name, "synthetic_B_val", task] for name in ("lora", "adapters") for task in ("bbox", "segm")]
     for name in files:
         assert set(served[name]) == {"synthetic_B_val"}
         got, want = served[name]["synthetic_B_val"], alone[name]

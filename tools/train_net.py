@@ -22,11 +22,13 @@ import logging
 import os
 import sys
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -40,6 +42,8 @@ from detectron2.evaluation import (  # noqa: E402
     COCOEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
+    inference_on_dataset,
+    print_csv_format,
     verify_results,
 )
 from detectron2.modeling import build_model  # noqa: E402
@@ -409,25 +413,54 @@ def adapter_pairs(cfg, adapters: list[str]) -> list[tuple[str, str, str]]:
 
 def evaluate_adapters(cfg, adapters: list[str]) -> dict:
     """Evaluate several adapter files of one base in one process: the base (MODEL.WEIGHTS) is built and loaded
-    once, the files are served from it (peft_d2.load_adapters) and each is evaluated on its dataset.
-    Returns {adapter name: {dataset: results}}; the evaluators write under OUTPUT_DIR/<adapter name>/."""
+    once, the files are served from it (peft_d2.load_adapters) and each is evaluated on its dataset. Each result
+    block names its adapter, and one table of them all ends the log (`adapter_summary`).
+    Returns {adapter name: {dataset: results}}; the evaluators write under OUTPUT_DIR/<adapter name>/inference."""
     pairs = adapter_pairs(cfg, adapters)
     model = build_base_model(cfg) if cfg.MODEL.META_ARCHITECTURE == "PEFT" else build_model(cfg)
     DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
     load_adapters(model, {n: p for n, p, _ in pairs}, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     model.eval()
+    logger = logging.getLogger("peft_d2")
     results = {}
-    for name, _, dataset in pairs:
-        one = cfg.clone()
-        one.defrost()
-        one.DATASETS.TEST = (dataset,)
-        one.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, name)
+    for name, path, dataset in pairs:
+        logger.info(f"Evaluating adapter {name!r} ({path}) on {dataset}")
+        evaluator = Trainer.build_evaluator(cfg, dataset, os.path.join(cfg.OUTPUT_DIR, name, "inference"))
         set_adapter(model, name)
         try:
-            results.setdefault(name, {})[dataset] = Trainer.test(one, model)
+            res = inference_on_dataset(model, Trainer.build_test_loader(cfg, dataset), evaluator)
         finally:
             set_adapter(model, None)
+        results.setdefault(name, {})[dataset] = res
+        if comm.is_main_process():
+            logger.info(f"Evaluation results of adapter {name!r} on {dataset} in csv format:")
+            print_csv_format(res)
+    if comm.is_main_process():
+        logger.info(f"Evaluation results of {len(pairs)} adapters on one base:\n{adapter_summary(results)}")
     return results
+
+
+def adapter_summary(results: dict) -> str:
+    """`evaluate_adapters`' results as one table: a row per adapter, dataset and task with the task's main
+    metrics, those that detectron2's print_csv_format copies (per-category ones, named 'AP-<class>', left out)."""
+    rows, columns = [], []
+    for name, by_dataset in results.items():
+        for dataset, by_task in by_dataset.items():
+            for task, metrics in by_task.items():
+                metrics = metrics if isinstance(metrics, Mapping) else {task: metrics}
+                main = {k: v for k, v in metrics.items() if "-" not in k}
+                columns += [k for k in main if k not in columns]
+                rows.append((name, dataset, task, main))
+    if not rows:
+        return "(the evaluators returned no results)"
+    table = [[name, dataset, task, *(_cell(main.get(c)) for c in columns)] for name, dataset, task, main in rows]
+    return tabulate(table, headers=["adapter", "dataset", "task", *columns], tablefmt="pipe", disable_numparse=True,
+                    colalign=["left"] * 3 + ["right"] * len(columns))
+
+
+def _cell(value) -> str:
+    """A metric as detectron2's tables print it (3 decimals); blank where the task has no such metric."""
+    return "" if value is None else f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
 def main(args):
@@ -482,6 +515,7 @@ __all__ = [
     "Trainer",
     "argument_parser",
     "build_evaluators",
+    "adapter_summary",
     "evaluate_adapters",
     "build_optimizer_from_trainable",
     "main",
