@@ -1,6 +1,8 @@
 """tools/gate_stats.py and tools/param_report.py on small models, tools/benchmark_train.py's command line (no timing
-here: benchmarks print ratios)."""
+here: benchmarks print ratios); the scripts' docstrings and --help."""
 
+import ast
+import importlib
 import sys
 from pathlib import Path
 
@@ -68,3 +70,43 @@ def test_benchmark_train_refuses_an_unknown_method_before_building(monkeypatch, 
             "adapters_3, adapters_parallel, baseline_decoder_only, baseline_heads_only, baseline_whole_head, "
             "cobot_adapter, cobot_lora, lora_adapters, lora_backbone, lora_msdeformattn, mopeft, prefix, sfa "
             "(or 'all')") in capsys.readouterr().err
+
+
+def _docstring_source(path: Path) -> tuple[ast.Expr, list[str]]:
+    """The module docstring's node and its lines as written in the file (without the quotes)."""
+    src = path.read_text(encoding="utf-8")
+    node = ast.parse(src).body[0]
+    assert isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant), f"{path} has no module docstring"
+    text = ast.get_source_segment(src, node)
+    return node, text[text.index('"""') + 3: text.rindex('"""')].splitlines()
+
+
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("tools", "datasets")
+                 for p in (ROOT / folder).glob("*.py") if ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_docstring_keeps_its_lines(script):
+    """A `\\` at the end of an example line in a plain (non-raw) docstring joins it to the next line: the
+    description that --help prints runs the example commands together. Raw docstrings keep them apart."""
+    node, lines = _docstring_source(ROOT / script)
+    assert len(node.value.value.splitlines()) == len(lines), (
+        f"{script}: its docstring loses line breaks (a line ending in a backslash in a non-raw string); "
+        'write it as r"""..."""'
+    )
+
+
+@pytest.mark.parametrize("script", ["param_report", "benchmark_train", "merge_adapter", "gate_stats",
+                                    "benchmark_multi_adapter"])
+def test_help_prints_each_example_line_apart(script, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    shown = {line.rstrip() for line in capsys.readouterr().out.splitlines()}
+    _, lines = _docstring_source(ROOT / "tools" / f"{script}.py")
+    examples = [line.rstrip() for i, line in enumerate(lines)  # commands and their continuation lines
+                if line.lstrip().startswith("python ") or (i and lines[i - 1].rstrip().endswith("\\"))]
+    assert examples and any(line.endswith("\\") for line in examples), "no multi-line example to check"
+    missing = [line for line in examples if line not in shown]
+    assert not missing, f"--help of tools/{script}.py runs these example lines together: {missing}"

@@ -1,4 +1,4 @@
-"""Inference time of one mixed batch of K adapters against K single-adapter passes and the base alone.
+r"""Inference time of one mixed batch of K adapters against K single-adapter passes and the base alone.
 
     python tools/benchmark_multi_adapter.py                      # micro model, CPU, K = 1, 4, 16
     python tools/benchmark_multi_adapter.py --device cuda --size 512 --batch 16 \

@@ -1,4 +1,4 @@
-"""Training step time and peak memory of full fine-tuning against PEFT configs, side by side in one process.
+r"""Training step time and peak memory of full fine-tuning against PEFT configs, side by side in one process.
 
     python tools/benchmark_train.py                                     # micro model, CPU, default methods
     python tools/benchmark_train.py --methods all --rounds 5

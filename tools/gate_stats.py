@@ -1,7 +1,7 @@
-"""Average MoPEFT gate per submodule (LoRA, prefix, adapter) and block over a dataset.
+r"""Average MoPEFT gate per submodule (LoRA, prefix, adapter) and block over a dataset.
 
     python tools/gate_stats.py --config-file configs/synthetic/peft/mopeft.yaml \
-        MODEL.WEIGHTS output/pretrain_A/model_final.pth MODEL.PEFT.WEIGHTS output/mopeft/adapter_final.safetensors
+        MODEL.WEIGHTS output/synthetic_A/model_final.pth MODEL.PEFT.WEIGHTS output/mopeft/adapter_final.safetensors
 
 As in the MoPEFT paper's analysis: which method each dataset favours. Runs inference over DATASETS.TEST[0]
 (or --dataset) with the gates recording, then prints one row per block and the mean over blocks;

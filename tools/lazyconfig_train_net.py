@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train or evaluate a detectron2 LazyConfig (``*.py``) model, with PEFT when the config wraps its model in
+r"""Train or evaluate a detectron2 LazyConfig (``*.py``) model, with PEFT when the config wraps its model in
 ``peft_d2.lazy.peft_model``.
 
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_vitdet_b_lora.py \

@@ -1,4 +1,4 @@
-"""Fold an adapter's LoRA into its base model and write a plain detectron2 checkpoint.
+r"""Fold an adapter's LoRA into its base model and write a plain detectron2 checkpoint.
 
     python tools/merge_adapter.py --config-file configs/.../peft/lora.yaml \
         --adapter output/adapter_final.safetensors --output output/merged.pth [KEY VALUE ...]

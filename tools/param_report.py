@@ -1,4 +1,4 @@
-"""Trainable-parameter report of PEFT configs, and adapter-checkpoint size against the full checkpoint.
+r"""Trainable-parameter report of PEFT configs, and adapter-checkpoint size against the full checkpoint.
 
     python tools/param_report.py --config-file configs/coco/peft/*.yaml
     python tools/param_report.py --config-file configs/coco/peft/*.yaml \

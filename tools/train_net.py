@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train or evaluate a Mask2Former-compatible model with detectron2's standard command line.
+r"""Train or evaluate a Mask2Former-compatible model with detectron2's standard command line.
 
     python tools/train_net.py --config-file configs/synthetic/maskformer2_swin_micro_bs4_A.yaml \
         --num-gpus 0 OUTPUT_DIR output/synthetic_A
