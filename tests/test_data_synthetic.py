@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,14 @@ def test_prepare_script(tmp_path):
     data = json.loads((out / "B" / "annotations" / "instances_train.json").read_text())
     assert len(data["images"]) == 2
     assert all(isinstance(a["segmentation"], list) for a in data["annotations"])
+
+
+@pytest.mark.parametrize("domain", ["A", "B"])
+def test_datasets_readme_names_each_domains_classes(domain):
+    """datasets/README.md says which classes each domain has: the generator's materials, none missing, no other."""
+    text = (ROOT / "datasets" / "README.md").read_text(encoding="utf-8")
+    bullet = re.search(rf"^- \*\*Domain {domain}\*\*(.*?)(?=^- |^$)", text, re.MULTILINE | re.DOTALL)
+    assert bullet, f"datasets/README.md has no '- **Domain {domain}**' bullet"
+    named = re.findall(r"`(\w+)`", bullet.group(1))
+    assert named == [c["name"] for c in domain_categories(domain)]
+    assert f"has {len(named)} classes" in bullet.group(1)
