@@ -116,15 +116,24 @@ def key_table() -> str:
     return "\n".join(lines)
 
 
+def add_datasets_config(cfg: CN) -> CN:
+    """Add DATASETS.COCO_INSTANCES: COCO-format instance datasets that tools/train_net.py registers before
+    training, as "NAME=ANNOTATIONS.json:IMAGE_ROOT" (its --dataset option appends here)."""
+    cfg.DATASETS.COCO_INSTANCES = []
+    return cfg
+
+
 def config_functions() -> list:
     """The functions that add DeepLab's (poly LR schedule), Mask2Former's, ViT's (MODEL.VIT), SAM's
-    (MODEL.SAM) and peft_d2's (MODEL.PEFT) keys to detectron2's default config, in order."""
+    (MODEL.SAM) and peft_d2's (MODEL.PEFT, DATASETS.COCO_INSTANCES) keys to detectron2's default config, in
+    order."""
     from detectron2.projects.deeplab import add_deeplab_config
 
     from .modeling.backbone.sam import add_sam_config
     from .modeling.config import add_maskformer2_config, add_vit_config
 
-    return [add_deeplab_config, add_maskformer2_config, add_vit_config, add_sam_config, add_peft_config]
+    return [add_deeplab_config, add_maskformer2_config, add_vit_config, add_sam_config, add_peft_config,
+            add_datasets_config]
 
 
 def get_cfg() -> CN:

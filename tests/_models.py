@@ -93,3 +93,36 @@ def detection_batch(size: int, box: tuple):
     masks[0, y0:y1, x0:x1] = True
     inst.gt_masks = BitMasks(masks)
     return [{"image": torch.rand(3, size, size) * 255, "instances": inst}]
+
+
+def write_coco_dataset(json_file, image_root, num_images: int, categories: list[dict], size: int = 64,
+                       seed: int = 0) -> None:
+    """A small COCO-format instance dataset of one's own: `num_images` noisy images of `size` px at
+    `image_root`, each with 1-3 rectangles (polygon masks) of the given categories, each painted its category's
+    grey level; the annotation file at `json_file`."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    Path(image_root).mkdir(parents=True, exist_ok=True)
+    Path(json_file).parent.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        file_name = f"img{i:03d}.png"
+        images.append({"id": i + 1, "file_name": file_name, "height": size, "width": size})
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(rng.integers(len(categories)))
+            x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+            w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+            pixels[y0:y0 + h, x0:x0 + w] = 100 + 150 * k // max(len(categories) - 1, 1)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": categories[k]["id"], "iscrowd": 0,
+                "bbox": [x0, y0, w, h], "area": w * h,
+                "segmentation": [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]],
+            })
+        cv2.imwrite(str(Path(image_root) / file_name), pixels)
+    Path(json_file).write_text(json.dumps({"images": images, "annotations": annotations,
+                                           "categories": categories}))

@@ -86,10 +86,10 @@ def test_an_adapter_of_another_base_is_refused_unless_the_command_line_says_so(t
 
 def test_sfa_adapter_merges_and_the_merged_config_needs_no_peft_keys(tmp_path):
     """SFA files carry their internal selection: merged through their own path (inject_from_checkpoint). The
-    merged config has no MODEL.PEFT: a config without peft_d2's PEFT keys (Mask2Former's, no add_peft_config)
-    reads it."""
+    merged config has no MODEL.PEFT and no empty DATASETS.COCO_INSTANCES: a config without peft_d2's keys
+    (Mask2Former's, no add_peft_config, no add_datasets_config) reads it."""
     from peft_d2.build import build_base_model
-    from peft_d2.config import add_peft_config, config_functions, peft_config_from_cfg
+    from peft_d2.config import add_datasets_config, add_peft_config, config_functions, peft_config_from_cfg
     from peft_d2.inject import inject
 
     sfa = {"MODEL.PEFT.METHODS": ["sfa"], "MODEL.PEFT.SFA.TARGETS": ["roi_heads.box_head.fc1"],
@@ -114,7 +114,7 @@ def test_sfa_adapter_merges_and_the_merged_config_needs_no_peft_keys(tmp_path):
 
     plain_cfg = get_cfg()
     for fn in config_functions():
-        if fn is not add_peft_config:
+        if fn not in (add_peft_config, add_datasets_config):
             fn(plain_cfg)
     plain_cfg.merge_from_file(out + ".yaml")
     assert "PEFT" not in plain_cfg.MODEL and plain_cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"

@@ -6,7 +6,8 @@ that plays the fresh clone: `configs` linked in, no DETECTRON2_DATASETS (the dat
 under ./output. Tiny settings are appended to each command (a few 64 px images, 2 iterations); each step's
 outputs are checked, and that the chain holds: the fine-tuning starts from the pretrained base, the evaluation
 uses the adapter (its predictions are the fine-tuning's own final ones) and the merged checkpoint predicts what
-the adapter does. The LazyConfig section's CPU block (the tiny ViTDet on the synthetic data) runs in a
+the adapter does. Then the block of "Your own dataset" runs on a tiny COCO-format dataset written at the paths
+its --dataset options name. The LazyConfig section's CPU block (the tiny ViTDet on the synthetic data) runs in a
 test of its own; its blocks at scale need COCO and 8 GPUs.
 """
 
@@ -23,13 +24,17 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from _models import write_coco_dataset  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
+
+from peft_d2.data.datasets.coco_instances import parse_coco_spec  # noqa: E402
 
 # pycocotools under numpy 2 warns on every mask decode
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = "## Training: `tools/train_net.py`"
+OWN_DATASET = "### Your own dataset: `--dataset NAME=ANNOTATIONS.json:IMAGE_ROOT`"
 LAZY = "### LazyConfigs: `tools/lazyconfig_train_net.py`"
 
 # appended to each command of a script: the same run, small
@@ -79,6 +84,11 @@ def _opt(argv: list[str], key: str) -> str:
     hits = [i for i, a in enumerate(argv) if a == key]
     assert len(hits) == 1 and hits[0] + 1 < len(argv), f"{key} once in {shlex.join(argv)}"
     return argv[hits[0] + 1]
+
+
+def _opts(argv: list[str], flag: str) -> list[str]:
+    """Every value of a repeatable flag."""
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
 def _run(argv: list[str]) -> None:
@@ -163,6 +173,32 @@ def test_training_section_runs_as_written(fresh_clone):
     assert [p["category_id"] for p in folded] == [p["category_id"] for p in evaluated]
     assert [p["score"] for p in folded] == pytest.approx([p["score"] for p in evaluated], abs=1e-4)
 
+    # your own dataset, on the base pretrained above
+    blocks = readme_blocks(OWN_DATASET)
+    assert len(blocks) == 1 and [_kind(c) for c in blocks[0]] == ["train_net.py", "train_net.py --eval-only"], (
+        "the README's own-dataset block changed its steps: update this test with it")
+    train, evaluate = blocks[0]
+    categories = [{"id": 1, "name": "nucleus"}, {"id": 2, "name": "cell"}]
+    specs = _opts(train, "--dataset")
+    assert len(specs) == 2
+    for seed, spec in enumerate(specs):
+        _, json_file, image_root = parse_coco_spec(spec)
+        write_coco_dataset(here / json_file, here / image_root, 4, categories, seed=seed)
+
+    _run(train)
+    out = here / _opt(train, "OUTPUT_DIR")
+    assert (out / "adapter_final.safetensors").is_file()
+    used = CfgNode.load_yaml_with_base(str(out / "config.yaml"))
+    assert used["DATASETS"]["COCO_INSTANCES"] == specs
+    assert used["MODEL"]["SEM_SEG_HEAD"]["NUM_CLASSES"] == 2  # from the file (the config says 5)
+    assert (here / used["MODEL"]["WEIGHTS"]).resolve() == base.resolve()
+
+    _run(evaluate)
+    assert (here / _opt(evaluate, "--config-file")).resolve() == (out / "config.yaml").resolve()
+    assert (here / _opt(evaluate, "MODEL.PEFT.WEIGHTS")).resolve() == (out / "adapter_final.safetensors").resolve()
+    evaluated = _predictions(here / _opt(evaluate, "OUTPUT_DIR"))
+    assert evaluated and evaluated == _predictions(out)
+    assert {p["category_id"] for p in evaluated} <= {1, 2}
 
 
 @pytest.mark.slow

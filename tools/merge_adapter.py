@@ -6,9 +6,10 @@ r"""Fold an adapter's LoRA into its base model and write a plain detectron2 chec
 Builds the base of the config (MODEL.META_ARCHITECTURE "PEFT": MODEL.PEFT.BASE_META_ARCHITECTURE), loads
 MODEL.WEIGHTS, injects the adapter file's own PeftConfig and loads its tensors (as `inject_from_checkpoint`,
 so SFA files bring their internal selection), and writes `--output` ({"model": state dict}) plus
-`<output>.yaml`, the same config without PEFT (no MODEL.PEFT node: a config without peft_d2's keys reads it)
-that loads it. Mergeable methods: LoRA, COBOT through LoRA, SFA; adapters (bottleneck modules), prefixes and
-gates cannot be folded into base weights: such an adapter file is refused.
+`<output>.yaml`, the same config without PEFT (no MODEL.PEFT node, no DATASETS.COCO_INSTANCES unless it names
+datasets: a config without peft_d2's keys reads it) that loads it. Mergeable methods: LoRA, COBOT through
+LoRA, SFA; adapters (bottleneck modules), prefixes and gates cannot be folded into base weights: such an
+adapter file is refused.
 """
 
 import argparse
@@ -40,6 +41,8 @@ def merge(cfg, adapter: str, output: str) -> str:
     plain.defrost()
     plain.MODEL.META_ARCHITECTURE = cfg.MODEL.PEFT.BASE_META_ARCHITECTURE
     del plain.MODEL["PEFT"]
+    if not plain.DATASETS.COCO_INSTANCES:  # peft_d2's too; kept when it names datasets (train_net.py reads it)
+        del plain.DATASETS["COCO_INSTANCES"]
     plain.MODEL.WEIGHTS = os.path.abspath(output)
     with open(output + ".yaml", "w") as f:
         f.write(plain.dump())

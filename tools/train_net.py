@@ -8,6 +8,8 @@ r"""Train or evaluate a Mask2Former-compatible model with detectron2's standard 
     python tools/train_net.py --config-file ... --eval-only --adapter cells=cells.safetensors \
         --adapter roads=roads.safetensors MODEL.WEIGHTS base.pth DATASETS.TEST '("cells_val", "roads_val")'
         # several adapter files on one base in one process: adapter i on test dataset i (or all on one)
+    python tools/train_net.py --config-file ... --dataset cells_train=data/cells/train.json:data/cells/images \
+        DATASETS.TRAIN '("cells_train",)'    # a COCO-format dataset of one's own (repeatable; classes from the file)
 
 The training mapper comes from INPUT.DATASET_MAPPER_NAME (peft_d2.data.MAPPERS), the evaluators from the test
 dataset's metadata `evaluator_type`. The optimizer is built here (`build_optimizer_from_trainable`): AdamW or SGD
@@ -17,6 +19,7 @@ SOLVER.BACKBONE_MULTIPLIER, no weight decay on norms and embeddings, optional wh
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
@@ -57,6 +60,7 @@ from peft_d2.build import build_base_model  # noqa: E402  (and registers the PEF
 from peft_d2.checkpoint import inject_from_checkpoint, load_adapter  # noqa: E402
 from peft_d2.config import config_functions, merge_config, parse_command_line, peft_config_from_cfg  # noqa: E402
 from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
+from peft_d2.data.datasets import coco_instances  # noqa: E402  (--dataset NAME=ANNOTATIONS.json:IMAGE_ROOT)
 from peft_d2.engine import (  # noqa: E402
     NORM_TYPES,
     AdapterExportHook,
@@ -367,7 +371,8 @@ def patch_cpu_ddp():
 
 
 def setup(args):
-    """Config from --config-file and opts; (re-)registers peft_d2's datasets under $DETECTRON2_DATASETS."""
+    """Config from --config-file and opts; (re-)registers peft_d2's datasets under $DETECTRON2_DATASETS and the
+    COCO-format datasets of --dataset / DATASETS.COCO_INSTANCES, whose class count becomes the model's."""
     cfg = get_cfg()
     for fn in CONFIG_FUNCTIONS:
         fn(cfg)
@@ -376,10 +381,23 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         cfg.SOLVER.AMP.ENABLED = False  # detectron2's AMPTrainer needs CUDA
+    # registered here, in the launched function: every DDP worker registers them too
+    register_all_datasets()
+    own = [*cfg.DATASETS.COCO_INSTANCES, *(getattr(args, "datasets", None) or [])]
+    cfg.DATASETS.COCO_INSTANCES = list(dict.fromkeys(own))
+    classes = coco_instances.register_coco_instances(cfg.DATASETS.COCO_INSTANCES)
+    num_classes = coco_instances.set_num_classes(cfg, classes, explicit=args.opts[0::2])
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="peft_d2")
-    register_all_datasets()
+    log = logging.getLogger("peft_d2")
+    for name, names in classes.items():
+        meta = MetadataCatalog.get(name)
+        log.info(f"Dataset '{name}': COCO instances of {meta.json_file}, images in {meta.image_root}, "
+                 f"{len(names)} classes {names}")
+    if num_classes is not None:
+        keys = ", ".join(coco_instances.NUM_CLASSES_KEYS)
+        log.info(f"{keys}: {num_classes}, the classes of the datasets of DATASETS.TRAIN and DATASETS.TEST")
     return cfg
 
 
@@ -488,12 +506,26 @@ def main(args):
     return getattr(trainer, "_last_eval_results", None)
 
 
+def _dataset_spec(spec: str) -> str:
+    try:
+        coco_instances.parse_coco_spec(spec)
+    except PeftConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 def argument_parser():
-    """detectron2's flags, plus --adapter (repeatable) for evaluating several adapter files on one base."""
+    """detectron2's flags, plus --adapter (repeatable) for evaluating several adapter files on one base and
+    --dataset (repeatable) for COCO-format datasets of one's own."""
     parser = default_argument_parser()
     parser.add_argument("--adapter", action="append", dest="adapters", metavar="NAME=FILE",
                         help="repeatable; with --eval-only: serve these adapter files from the base MODEL.WEIGHTS in "
                         "one process and evaluate the i-th on DATASETS.TEST[i] (or every one on the single dataset)")
+    parser.add_argument("--dataset", action="append", dest="datasets", type=_dataset_spec,
+                        metavar=coco_instances.SPEC,
+                        help="repeatable: register a COCO-format instance dataset under NAME (appended to "
+                        "DATASETS.COCO_INSTANCES) and name it in DATASETS.TRAIN / DATASETS.TEST; the model's "
+                        "number of classes is taken from the annotation file's categories")
     return parser
 
 

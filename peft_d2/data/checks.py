@@ -73,8 +73,8 @@ def _require_keys(data: dict, keys: Iterable[str], path: str, dataset: str, what
             )
 
 
-def check_coco_json(path: str, dataset: str, require_annotations: bool = True) -> None:
-    """A COCO instance file: an object with lists 'images', 'annotations', 'categories'.
+def check_coco_json(path: str, dataset: str, require_annotations: bool = True) -> dict:
+    """A COCO instance file: an object with lists 'images', 'annotations', 'categories'; returns its content.
 
     Each image needs 'id' and 'file_name' (LVIS v1: 'coco_url', from which detectron2 takes the file name); each
     annotation 'image_id' and 'category_id'.
@@ -95,6 +95,7 @@ def check_coco_json(path: str, dataset: str, require_annotations: bool = True) -
                 f"Dataset '{dataset}': {what} '{path}': annotations[{i}] must be an object with "
                 "'image_id' and 'category_id'."
             )
+    return data
 
 
 def check_panoptic_json(path: str, dataset: str) -> None:
