@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -139,18 +140,36 @@ def test_registered_in_catalogs(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from peft_d2.data import register_all_datasets
+    from peft_d2.data.checks import MalformedAnnotationError
 
     generate_synthetic(str(tmp_path / "synthetic"), num_train={"A": 5, "B": 3}, num_val=2, image_size=64)
     try:
         names = register_all_datasets(str(tmp_path))
         for n in ("synthetic_A_train", "synthetic_A_val", "synthetic_B_train", "synthetic_B_val"):
             assert n in names and MetadataCatalog.get(n).evaluator_type == "coco"
-        dicts = DatasetCatalog.get("synthetic_B_train")
+        warned = []
+        coco_logger = logging.getLogger("detectron2.data.datasets.coco")
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = warned.append
+        coco_logger.addHandler(handler)
+        try:
+            dicts = DatasetCatalog.get("synthetic_B_train")
+        finally:
+            coco_logger.removeHandler(handler)
+        assert warned == []  # B's ids (1, 2, 3, 5, 6) are mapped by the registration, not by detectron2 with a warning
         assert len(dicts) == 3 and all("annotations" in d for d in dicts)
         meta = MetadataCatalog.get("synthetic_B_train")
         assert meta.thing_classes == [c["name"] for c in domain_categories("B")]
-        cats = {a["category_id"] for d in dicts for a in d["annotations"]}
-        assert cats <= set(range(len(meta.thing_classes)))  # contiguous ids after loading
+        # contiguous ids after loading, each the index of its json category among B's
+        data = json.loads(Path(meta.json_file).read_text())
+        in_json = [meta.thing_dataset_id_to_contiguous_id[a["category_id"]] for a in data["annotations"]]
+        assert [a["category_id"] for d in dicts for a in d["annotations"]] == in_json
+        assert set(in_json) <= set(range(len(meta.thing_classes)))
+        data["annotations"][0]["category_id"] = 4  # "plain", a material of domain A only
+        Path(meta.json_file).write_text(json.dumps(data))
+        with pytest.raises(MalformedAnnotationError, match=r"synthetic_B_train.*category_id 4, not one of the "
+                           r"domain's \[1, 2, 3, 5, 6\]"):
+            DatasetCatalog.get("synthetic_B_train")
         sem = DatasetCatalog.get("synthetic_A_sem_seg_val")
         assert len(sem) == 2 and all(Path(d["sem_seg_file_name"]).is_file() for d in sem)
         assert MetadataCatalog.get("synthetic_A_sem_seg_val").stuff_classes[0] == "background"

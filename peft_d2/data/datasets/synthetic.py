@@ -7,11 +7,28 @@ import os
 from detectron2.data.datasets import load_sem_seg
 from detectron2.data.datasets.coco import load_coco_json
 
-from ..checks import checked_loader
+from ..checks import MalformedAnnotationError, checked_loader
 from ..synthetic import DOMAINS, domain_categories, split_paths
 from .catalog import replace_registration
 
 __all__ = ["register_all_synthetic"]
+
+
+def load_synthetic_json(json_file: str, image_root: str, id_map: dict, dataset: str = "") -> list[dict]:
+    """The COCO records of a synthetic split, category ids mapped to contiguous ones by `id_map` (the registered
+    thing_dataset_id_to_contiguous_id). The ids are those of the global material table, shared across domains, so
+    B's (1, 2, 3, 5, 6) are not 1..5: given no dataset name, detectron2's loader leaves them for this mapping
+    rather than derive its own with a warning that they are not in [1, #categories]."""
+    records = load_coco_json(json_file, image_root)
+    for record in records:
+        for ann in record["annotations"]:
+            if ann["category_id"] not in id_map:
+                raise MalformedAnnotationError(
+                    f"Dataset '{dataset}': {json_file}: an annotation of {record['file_name']} has category_id "
+                    f"{ann['category_id']}, not one of the domain's {sorted(id_map)} (rewrite the data with "
+                    "datasets/prepare_synthetic.py)")
+            ann["category_id"] = id_map[ann["category_id"]]
+    return records
 
 
 def register_all_synthetic(root: str) -> list[str]:
@@ -32,7 +49,7 @@ def register_all_synthetic(root: str) -> list[str]:
                 name,
                 checked_loader(
                     name,
-                    lambda j=p["json_file"], i=p["image_root"], n=name: load_coco_json(j, i, n),
+                    lambda j=p["json_file"], i=p["image_root"], m=id_map, n=name: load_synthetic_json(j, i, m, n),
                     {
                         p["image_root"]: ("dir", "the synthetic images (datasets/prepare_synthetic.py)"),
                         p["json_file"]: ("coco_json", "the synthetic instance annotations"),
