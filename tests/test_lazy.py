@@ -212,6 +212,8 @@ def test_lazy_training_moves_only_peft_and_trainable_tensors(lazy_run):
     rows = [json.loads(line) for line in open(out / "metrics.json")]
     assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1, 2, 3]
     assert rows[0]["peft/trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the parameter report reaches the console and log.txt (peft_d2's logger is set up as train_net.py sets it up)
+    assert f"trainable params: {int(rows[0]['peft/trainable_params']):,} ||" in (out / "log.txt").read_text()
     # training checkpoints hold the trainable tensors only
     saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert saved["peft_partial"] and set(saved["model"]) == set(ckpt.adapter_state_dict(model))
@@ -239,6 +241,7 @@ def test_lazy_eval_only_and_resume(lazy_run):
         ["--config-file", str(TINY), "--eval-only", *opts, f"train.peft_weights={adapter}"])
     results = script.main(args)
     assert set(results) == {"bbox", "segm"} and all(0.0 <= results[t]["AP"] <= 100.0 for t in results)
+    assert f"Adapter {adapter} loaded: " in (out / "log.txt").read_text()
     # --resume continues after the last checkpoint (iteration 4) to max_iter 6
     args = script.default_argument_parser().parse_args(
         ["--config-file", str(TINY), "--resume", *opts, "train.max_iter=6"])

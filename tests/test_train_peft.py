@@ -72,6 +72,11 @@ def test_every_peft_config_trains(env, method, tmp_path):
     # the training checkpoint holds trainable tensors only
     final = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert final["peft_partial"] and len(final["model"]) == len(tensors)
+    log = (tmp_path / "log.txt").read_text()
+    assert f"trainable params: {int(report['peft/trainable_params']):,} ||" in log  # the parameter report
+    if method == "sfa":  # its budget, warm-up and selection
+        for line in ("SFA budget:", "SFA warm-up: 2 iterations", "SFA selection:"):
+            assert line in log
 
 
 def test_a_failed_run_leaves_no_empty_metrics_json(env, tmp_path):
@@ -93,9 +98,12 @@ def test_resume_and_eval_only_from_adapter(env, tmp_path):
     assert iters == [0, 1, 2, 3, 4, 5]  # the second run continued at iteration 4
     second = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert f"Resumed from {tmp_path / 'model_final.pth'}: " in (tmp_path / "log.txt").read_text()
     adapter = str(tmp_path / "adapter_final.safetensors")
     again = train(train_net, "lora_adapters", tmp_path / "eval", "--eval-only", opts=["MODEL.PEFT.WEIGHTS", adapter])
     assert again["segm"]["AP"] == pytest.approx(results["segm"]["AP"], abs=1e-6)
+    log = (tmp_path / "eval" / "log.txt").read_text()
+    assert f"Adapter {adapter} loaded: " in log and "MODEL.PEFT.WEIGHTS is empty" not in log
 
 
 @pytest.mark.slow

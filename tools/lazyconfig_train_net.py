@@ -46,8 +46,8 @@ from detectron2.engine import (  # noqa: E402
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from peft_d2.checkpoint import load_adapter  # noqa: E402
 from peft_d2.data import register_all_datasets  # noqa: E402
 from peft_d2.engine import AdapterExportHook, JSONWriter, ParameterReportHook, PeftCheckpointer  # noqa: E402
 
@@ -71,6 +71,8 @@ def setup(args):
     if cfg.train.device == "cpu" and cfg.train.get("amp", {}).get("enabled", False):
         cfg.train.amp.enabled = False  # detectron2's AMPTrainer needs CUDA
     default_setup(cfg, args)
+    # peft_d2's own records (the parameter report, what was loaded) to the console and train.output_dir/log.txt
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="peft_d2")
     register_all_datasets()
     return cfg
 
@@ -89,21 +91,19 @@ def create_ddp(model, cfg):
     return create_ddp_model(model, **kwargs)
 
 
-def load_weights(cfg, checkpointer, resume: bool) -> None:
+def load_weights(cfg, checkpointer: PeftCheckpointer, resume: bool, eval_only: bool = False) -> None:
     """``train.init_checkpoint`` (the base), then with `resume` the last checkpoint of ``train.output_dir``,
-    otherwise ``train.peft_weights`` (an adapter file) when given."""
+    otherwise ``train.peft_weights`` (an adapter file) when given; logs what was loaded (`PeftCheckpointer.
+    load_weights`)."""
     peft_weights = cfg.train.get("peft_weights", "")
     if peft_weights and not is_peft(checkpointer.model):
         raise ValueError(
             f"train.peft_weights={peft_weights!r} is set, but the model has no PEFT modules: wrap cfg.model in "
             "peft_d2.lazy.peft_model (see configs/lazy/)"
         )
-    if cfg.train.init_checkpoint:
-        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
-    if resume and checkpointer.has_checkpoint():
-        checkpointer.resume_or_load("", resume=True)
-    elif peft_weights:
-        load_adapter(checkpointer.model, peft_weights, check_base=bool(cfg.train.get("peft_check_base", True)))
+    checkpointer.load_weights(cfg.train.init_checkpoint, peft_weights, resume=resume, eval_only=eval_only,
+                              check_base=bool(cfg.train.get("peft_check_base", True)),
+                              keys=("train.init_checkpoint", "train.peft_weights"))
 
 
 def make_checkpointer(cfg, model, **checkpointables) -> PeftCheckpointer:
@@ -160,7 +160,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = build_model(cfg)
-        load_weights(cfg, make_checkpointer(cfg, model), resume=args.resume)
+        load_weights(cfg, make_checkpointer(cfg, model), resume=args.resume, eval_only=True)
         return do_test(cfg, create_ddp(model, cfg))
     do_train(args, cfg)
     return None

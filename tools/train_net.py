@@ -57,7 +57,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import peft_d2.modeling  # noqa: E402,F401  (registers MaskFormer, D2SwinTransformer, heads)
 from peft_d2.build import build_base_model  # noqa: E402  (and registers the PEFT meta-architecture, backbone)
-from peft_d2.checkpoint import inject_from_checkpoint, load_adapter  # noqa: E402
+from peft_d2.checkpoint import inject_from_checkpoint  # noqa: E402
 from peft_d2.config import config_functions, merge_config, parse_command_line, peft_config_from_cfg  # noqa: E402
 from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
 from peft_d2.data.datasets import coco_instances  # noqa: E402  (--dataset NAME=ANNOTATIONS.json:IMAGE_ROOT)
@@ -72,7 +72,7 @@ from peft_d2.engine import (  # noqa: E402
 )
 from peft_d2.errors import PeftConfigError  # noqa: E402
 from peft_d2.evaluation import LVISEvaluator, PanopticEvaluator  # noqa: E402
-from peft_d2.inject import inject  # noqa: E402
+from peft_d2.inject import format_report, inject  # noqa: E402
 from peft_d2.multi import load_adapters, set_adapter  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
@@ -322,34 +322,34 @@ class Trainer(DefaultTrainer):
         return build_optimizer_from_trainable(cfg, model)
 
 
-def load_peft_weights(cfg, checkpointer, resume: bool):
-    """MODEL.WEIGHTS into the (injected) model, then MODEL.PEFT.WEIGHTS, or with `resume` the last checkpoint."""
-    if cfg.MODEL.WEIGHTS:
-        checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    if resume and checkpointer.has_checkpoint():
-        checkpointer.resume_or_load("", resume=True)
-    elif cfg.MODEL.PEFT.WEIGHTS:
-        load_adapter(checkpointer.model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+def load_peft_weights(cfg, checkpointer: PeftCheckpointer, resume: bool, eval_only: bool = False):
+    """MODEL.WEIGHTS into the (injected) model, then MODEL.PEFT.WEIGHTS, or with `resume` the last checkpoint; logs
+    what was loaded, and warns about a random base or, with `eval_only`, untrained PEFT tensors."""
+    checkpointer.load_weights(cfg.MODEL.WEIGHTS, cfg.MODEL.PEFT.WEIGHTS, resume=resume,
+                              check_base=cfg.MODEL.PEFT.CHECK_BASE, eval_only=eval_only)
 
 
 def build_sfa_model(cfg, build_train_loader):
     """SFA needs its selection before injection: from MODEL.PEFT.WEIGHTS when given, otherwise by the
     lottery-ticket warm-up on the pretrained base (MODEL.WEIGHTS) with batches of the training loader."""
     model = build_base_model(cfg)
-    if cfg.MODEL.WEIGHTS:  # before the adapter file, whose base check reads the base's values
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:  # before the adapter file, whose base check reads the base's values; load_peft_weights
+        # loads it again, with its report of mismatching keys, once the model is injected
+        PeftCheckpointer(model, report_keys=False).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     if cfg.MODEL.PEFT.WEIGHTS:
-        inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
-        return model
-    config = peft_config_from_cfg(cfg)
-    batches = iter(build_train_loader(cfg))
+        report = inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+    else:
+        config = peft_config_from_cfg(cfg)
+        batches = iter(build_train_loader(cfg))
 
-    def loss_fn(m):
-        with EventStorage(0):
-            return sum(m(next(batches)).values())
+        def loss_fn(m):
+            with EventStorage(0):
+                return sum(m(next(batches)).values())
 
-    selection = sfa.select(model, config.sfa, loss_fn)
-    inject(model, config, sfa_selection=selection)
+        selection = sfa.select(model, config.sfa, loss_fn)
+        report = inject(model, config, sfa_selection=selection)
+    model.peft_report = report
+    logging.getLogger("peft_d2").info(f"PEFT on {type(model).__name__}:\n{format_report(report)}")
     return model
 
 
@@ -492,7 +492,8 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         if is_peft(cfg):
-            load_peft_weights(cfg, PeftCheckpointer(model, save_dir=cfg.OUTPUT_DIR), resume=args.resume)
+            load_peft_weights(cfg, PeftCheckpointer(model, save_dir=cfg.OUTPUT_DIR), resume=args.resume,
+                              eval_only=True)
         else:
             DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)

@@ -55,6 +55,10 @@ class SetCriterion(nn.Module):
         num_points, oversample_ratio, importance_sample_ratio: PointRend sampling of the mask loss points.
     """
 
+    # buffers computed from the arguments: PeftCheckpointer skips a checkpoint's of another shape (another class
+    # count) without a warning, since the value here follows the config
+    config_buffers = ("empty_weight",)
+
     def __init__(
         self,
         num_classes,

@@ -13,6 +13,8 @@ indices travel in the adapter checkpoint, and merging folds M * Delta into W_0.
 """
 
 import fnmatch
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,8 @@ from .base import PeftMethod, Plan, option, register_method
 
 SCORES = ("magnitude", "grad")
 RANKINGS = ("global", "layer")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,15 +148,21 @@ def select_internal(model: nn.Module, cfg: SFAConfig, loss_fn, num_entries: int)
     was_training = model.training
     model.train()
     fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    losses, start = [], time.perf_counter()
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         for _ in range(cfg.warmup_iters):
             opt.zero_grad(set_to_none=True)
-            loss_fn(model).backward()
+            loss = loss_fn(model)
+            loss.backward()
+            losses.append(float(loss.detach()))
             for s, p in zip(grad_scores, params):
                 if p.grad is not None:
                     s.add_((p.grad * p.detach()).abs())
             opt.step()
+    logger.info(f"SFA warm-up: {cfg.warmup_iters} iterations of SGD (lr {cfg.warmup_lr}) on {len(layers)} candidate "
+                f"layers ({sum(p.numel() for p in params):,} weights), loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
+                f"{time.perf_counter() - start:.1f} s")
     if cfg.score == "magnitude":
         scores = [(p.detach() - w).abs() for p, w in zip(params, w0)]
     else:
@@ -202,8 +212,17 @@ def select(model: nn.Module, cfg: SFAConfig, loss_fn) -> dict:
     """Plan the external adapters, then select the internal weights with what is left of the budget
     (`select_internal`). Run on the base model before `peft_d2.inject(..., sfa_selection=...)`."""
     budget = cfg.total_budget(model)
-    _, adapter_params = plan_external(model, cfg, budget)
-    return select_internal(model, cfg, loss_fn, budget - adapter_params)
+    blocks, adapter_params = plan_external(model, cfg, budget)
+    logger.info(f"SFA budget: {budget:,} parameters; external adapters (width {cfg.adapter_bottleneck}) after the "
+                f"MLP of the last {len(blocks)} blocks: {adapter_params:,}; internal weights: "
+                f"{budget - adapter_params:,}, chosen by |{'W_k - W_0' if cfg.score == 'magnitude' else 'grad * W'}| "
+                f"({cfg.ranking} ranking) after a warm-up")
+    selection = select_internal(model, cfg, loss_fn, budget - adapter_params)
+    counts = sorted(((int(idx.numel()), path) for path, idx in selection.items() if idx.numel()), reverse=True)
+    most = f"; most in {', '.join(f'{path} ({n:,})' for n, path in counts[:3])}" if counts else ""
+    logger.info(f"SFA selection: {sum(n for n, _ in counts):,} internal weights in {len(counts)} of {len(selection)} "
+                f"candidate layers{most}")
+    return selection
 
 
 def random_selection(model: nn.Module, cfg: SFAConfig, seed: int = 0) -> dict:
