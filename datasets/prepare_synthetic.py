@@ -17,6 +17,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from peft_d2.quiet import quiet_third_party_notices  # noqa: E402
+
+quiet_third_party_notices()  # before detectron2's imports, which raise most of them
+
 from peft_d2.data.synthetic import DOMAINS, generate_synthetic  # noqa: E402
 
 

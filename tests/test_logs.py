@@ -1,11 +1,13 @@
 """What the tools log: what was loaded from where (PeftCheckpointer.load_weights), warnings when a PEFT model runs on
-a random base or evaluates untrained tensors, and no warning for what is expected (a class head of another class
-count, PEFT buffers, criterion weights)."""
+a random base or evaluates untrained tensors, no warning for what is expected (a class head of another class count,
+PEFT buffers, criterion weights), and the third-party notices the tools silence (peft_d2.quiet), narrowly."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,35 @@ def test_merging_a_b_adapter_onto_an_a_base_is_quiet(base_a, tmp_path, records):
     merged = torch.load(tmp_path / "merged.pth", weights_only=False)["model"]
     head = "sem_seg_head.predictor.class_embed.weight"
     assert torch.equal(merged[head], trained.state_dict()[head])
+
+
+QUIET = """
+import logging, sys, warnings
+sys.path.insert(0, {tools!r})
+import lazyconfig_train_net  # installs the filters before detectron2's imports
+import torch
+import timm.models.layers
+from detectron2 import model_zoo
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+DefaultAnchorGenerator(sizes=[[8]], aspect_ratios=[[1.0]], strides=[4])([torch.zeros(1, 1, 4, 4)])
+logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+# the same notices from elsewhere still show
+logging.getLogger("torch.utils.cpp_extension").warning("another notice of torch.utils.cpp_extension")
+warnings.warn_explicit("`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`.",
+                       FutureWarning, "mine.py", 1, module="mine")
+"""
+
+
+@pytest.mark.slow
+def test_the_tools_silence_third_party_notices_narrowly(tmp_path):
+    script = tmp_path / "quiet.py"
+    script.write_text(textwrap.dedent(QUIET.format(tools=str(ROOT / "tools"))))
+    proc = subprocess.run([sys.executable, "-W", "default", str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    for notice in ("jit/_script.py", "torch.jit.interface", "timm.models.layers is deprecated", "pkg_resources",
+                   "No CUDA runtime", "torch.meshgrid"):
+        assert notice not in err, notice
+    assert "mine.py:1: FutureWarning: `torch.jit.script` is deprecated" in err
+    assert "another notice of torch.utils.cpp_extension" in err

@@ -33,6 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from peft_d2.quiet import quiet_third_party_notices  # noqa: E402
+
+quiet_third_party_notices()  # before detectron2's imports, which raise most of them
+
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.engine import (  # noqa: E402
@@ -66,13 +70,16 @@ def setup(args):
     """The LazyConfig of --config-file with the overrides applied; device and AMP adjusted to the machine."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
+    no_cuda = str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available()
+    if no_cuda:
         cfg.train.device = "cpu"
     if cfg.train.device == "cpu" and cfg.train.get("amp", {}).get("enabled", False):
         cfg.train.amp.enabled = False  # detectron2's AMPTrainer needs CUDA
     default_setup(cfg, args)
     # peft_d2's own records (the parameter report, what was loaded) to the console and train.output_dir/log.txt
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="peft_d2")
+    if no_cuda:
+        logger.info("CUDA is not available: running on the CPU (train.device cpu)")
     register_all_datasets()
     return cfg
 

@@ -19,6 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from peft_d2.quiet import quiet_third_party_notices  # noqa: E402
+
+quiet_third_party_notices()  # before detectron2's imports, which raise most of them
+
 import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
 from peft_d2.build import build_base_model  # noqa: E402
 from peft_d2.checkpoint import atomic_write, inject_from_checkpoint, merged_state_dict, read_adapter  # noqa: E402

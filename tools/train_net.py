@@ -35,6 +35,10 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from peft_d2.quiet import quiet_third_party_notices  # noqa: E402
+
+quiet_third_party_notices()  # before detectron2's imports, which raise most of them
+
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -377,7 +381,8 @@ def setup(args):
     for fn in CONFIG_FUNCTIONS:
         fn(cfg)
     merge_config(cfg, args.config_file, args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+    no_cuda = not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda")
+    if no_cuda:
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         cfg.SOLVER.AMP.ENABLED = False  # detectron2's AMPTrainer needs CUDA
@@ -391,6 +396,8 @@ def setup(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="peft_d2")
     log = logging.getLogger("peft_d2")
+    if no_cuda:
+        log.info("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
     for name, names in classes.items():
         meta = MetadataCatalog.get(name)
         log.info(f"Dataset '{name}': COCO instances of {meta.json_file}, images in {meta.image_root}, "
