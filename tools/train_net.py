@@ -61,7 +61,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import peft_d2.modeling  # noqa: E402,F401  (registers MaskFormer, D2SwinTransformer, heads)
 from peft_d2.build import build_base_model  # noqa: E402  (and registers the PEFT meta-architecture, backbone)
-from peft_d2.checkpoint import inject_from_checkpoint  # noqa: E402
+from peft_d2.checkpoint import inject_from_checkpoint, read_adapter  # noqa: E402
 from peft_d2.config import config_functions, merge_config, parse_command_line, peft_config_from_cfg  # noqa: E402
 from peft_d2.data import build_train_mapper, register_all_datasets  # noqa: E402
 from peft_d2.data.datasets import coco_instances  # noqa: E402  (--dataset NAME=ANNOTATIONS.json:IMAGE_ROOT)
@@ -443,7 +443,10 @@ def evaluate_adapters(cfg, adapters: list[str]) -> dict:
     Returns {adapter name: {dataset: results}}; the evaluators write under OUTPUT_DIR/<adapter name>/inference."""
     pairs = adapter_pairs(cfg, adapters)
     model = build_base_model(cfg) if cfg.MODEL.META_ARCHITECTURE == "PEFT" else build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+    # the base tensors that the files hold (a class head for another class count) may differ in shape in the
+    # base checkpoint: the files fill them, so their mismatch is no warning
+    supplied = {name for _, path, _ in pairs for name in read_adapter(path)[0]}
+    PeftCheckpointer(model, save_dir=cfg.OUTPUT_DIR, supplied=supplied).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     load_adapters(model, {n: p for n, p, _ in pairs}, check_base=cfg.MODEL.PEFT.CHECK_BASE)
     model.eval()
     logger = logging.getLogger("peft_d2")
