@@ -1,3 +1,4 @@
+import logging
 import random
 
 import numpy as np
@@ -12,6 +13,17 @@ def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _propagating_loggers():
+    """Every test sees the library's records in caplog, whatever ran before it in its worker: the tools under test
+    call detectron2's setup_logger, which stops these loggers from propagating to the root logger (caplog's)."""
+    loggers = [logging.getLogger(name) for name in ("peft_d2", "detectron2", "fvcore")]
+    saved = [lg.propagate for lg in loggers]
+    yield
+    for lg, propagate in zip(loggers, saved):
+        lg.propagate = propagate
 
 
 def pytest_collection_modifyitems(config, items):
