@@ -17,7 +17,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 from .config import base_config, peft_config_from_cfg
 from .errors import PeftConfigError
-from .inject import format_report, inject
+from .inject import format_report, inject, keep_report
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,8 @@ def PEFT(cfg):  # noqa: N802 - registry names are the config values
     meta_arch = _base_meta_architecture(cfg)
     _check_methods(cfg)  # before building: a config error should not wait for a large model
     model = meta_arch(cfg)
-    report = inject(model, peft_config_from_cfg(cfg))
-    model.peft_report = report
+    keep_report(model, inject(model, peft_config_from_cfg(cfg)), name)
     model.peft_base_config = base_config(cfg)
-    logger.info("PEFT on %s:\n%s", name, format_report(report))
     return model
 
 

@@ -12,6 +12,7 @@ how they compute is each method's business (docs/adding_a_method.md).
 
 import copy
 import fnmatch
+import logging
 from collections import OrderedDict
 
 import torch.nn as nn
@@ -186,6 +187,14 @@ def format_report(report: dict) -> str:
         ),
     ]
     return "\n\n".join(lines)
+
+
+def keep_report(model: nn.Module, report: dict, name: str = "") -> dict:
+    """Keep `inject`'s report on the model (`model.peft_report`: the tools' parameter report reads it) and log it
+    ("PEFT on <name, default the model's class>:" and the table); returns the report."""
+    model.peft_report = report
+    logging.getLogger(__name__).info("PEFT on %s:\n%s", name or type(model).__name__, format_report(report))
+    return report
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

@@ -22,7 +22,6 @@ exports ``adapter_final.safetensors``; ``train.peft_weights`` names an adapter f
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 
 import torch.nn as nn
@@ -31,10 +30,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .config import optim_groups
 from .engine.optim import group_trainable_parameters
 from .errors import PeftConfigError
-from .inject import format_report, inject
+from .inject import inject, keep_report
 from .tuners import METHODS, PeftConfig
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["peft_config_from_dict", "peft_model", "peft_param_groups"]
 
@@ -125,9 +122,7 @@ def peft_model(model: nn.Module, peft, sfa_selection: dict | None = None) -> nn.
             "peft.methods lists 'sfa', whose internal weights are chosen on the pretrained base before injection: "
             "pass sfa_selection=peft_d2.tuners.sfa.select(...), or train SFA with tools/train_net.py"
         )
-    report = inject(model, config, sfa_selection=sfa_selection)
-    model.peft_report = report
-    logger.info("PEFT on %s:\n%s", type(model).__name__, format_report(report))
+    keep_report(model, inject(model, config, sfa_selection=sfa_selection))
     return model
 
 

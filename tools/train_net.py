@@ -76,7 +76,7 @@ from peft_d2.engine import (  # noqa: E402
 )
 from peft_d2.errors import PeftConfigError  # noqa: E402
 from peft_d2.evaluation import LVISEvaluator, PanopticEvaluator  # noqa: E402
-from peft_d2.inject import format_report, inject  # noqa: E402
+from peft_d2.inject import inject, keep_report  # noqa: E402
 from peft_d2.multi import load_adapters, set_adapter  # noqa: E402
 from peft_d2.tuners import sfa  # noqa: E402
 
@@ -341,7 +341,7 @@ def build_sfa_model(cfg, build_train_loader):
         # loads it again, with its report of mismatching keys, once the model is injected
         PeftCheckpointer(model, report_keys=False).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     if cfg.MODEL.PEFT.WEIGHTS:
-        report = inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+        keep_report(model, inject_from_checkpoint(model, cfg.MODEL.PEFT.WEIGHTS, check_base=cfg.MODEL.PEFT.CHECK_BASE))
     else:
         config = peft_config_from_cfg(cfg)
         batches = iter(build_train_loader(cfg))
@@ -351,9 +351,7 @@ def build_sfa_model(cfg, build_train_loader):
                 return sum(m(next(batches)).values())
 
         selection = sfa.select(model, config.sfa, loss_fn)
-        report = inject(model, config, sfa_selection=selection)
-    model.peft_report = report
-    logging.getLogger("peft_d2").info(f"PEFT on {type(model).__name__}:\n{format_report(report)}")
+        keep_report(model, inject(model, config, sfa_selection=selection))
     return model
 
 
