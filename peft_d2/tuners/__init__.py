@@ -23,6 +23,7 @@ from .prefix import PrefixConfig, PrefixKV, add_prefix, prefix_parameter_count
 from .mopeft import MoPEFTConfig, MoPEFTGates
 from .cobot import CobotConfig, CobotOrchestrator, cobot_parameter_count
 from .sfa import SFAConfig, SFALinear
+from .mona import Mona, MonaConfig, mona_parameter_count
 # isort: on
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAMultiheadAttention", "add_lora", "AdapterConfig", "Bottleneck",
     "SequentialAdapter", "ParallelAdapter", "lora_parameter_count", "adapter_parameter_count", "PrefixConfig",
     "PrefixKV", "add_prefix", "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates", "SFAConfig", "SFALinear",
+    "Mona", "MonaConfig", "mona_parameter_count",
 ]
