@@ -28,6 +28,10 @@ with the rows of one image contiguous (Swin windows included); nn.MultiheadAtten
 heads (batch, queries, C); any other routed site must have the batch as its first dimension (checked on every
 call: an ambiguous shape is an error, never a silent mix).
 
+Mona acts on a block's residual sums, which no module outputs: a block of the serving model where some adapter has
+Mona takes the Mona forward (tuners/mona.py) with identity modules at those places, and their outputs are routed
+as an adapter's are (identity for the other images, so the base's computation is unchanged).
+
 Prefix tuning changes the attention's key length, so an attention layer that holds prefixes runs once per
 group of images that share a prefix (or have none: the base computation), each group with the route narrowed
 to its images, and the outputs are put back in batch order (attention weights, when asked for, are returned
@@ -49,10 +53,11 @@ from .errors import PeftCheckpointError, PeftConfigError
 from .inject import peft_parameter_names
 from .tuners.adapter import _parallel_adapter_hook, _sequential_adapter_hook
 from .tuners.lora import LoRALayer
+from .tuners.mona import routing_slot
 from .tuners.prefix import _FORWARDS, attention_kind
 
 _ROUTE = contextvars.ContextVar("peft_d2_route", default=None)  # the _Route of the forward pass under way
-ROUTABLE_METHODS = ("lora", "adapter", "cobot", "prefix")
+ROUTABLE_METHODS = ("lora", "adapter", "cobot", "prefix", "mona")
 HOOKS = {_sequential_adapter_hook: ("adapter", "adapter"), _parallel_adapter_hook: ("parallel", "parallel_adapter")}
 REFUSED = {
     "mopeft": "MoPEFT gates are read by modules of every adapter at once",
@@ -345,6 +350,9 @@ def load_adapters(model: nn.Module, paths: dict, check_base: bool = True) -> dic
                     raise PeftCheckpointError(f"adapter {name!r} ({path}) has a prefix and LoRA on the attention "
                                               f"'{p}': they cannot be routed together")
                 ops.append((p, "prefix", m.prefix))
+            if getattr(type(m), "peft_mona", False):
+                ops += [(f"{p}.{attr}", "mona", m._modules[attr]) for attr in ("mona_attn", "mona_mlp")
+                        if attr in m._modules]
             if isinstance(m, LoRALayer):
                 if isinstance(m, nn.MultiheadAttention):
                     ops.append((p, "lora_mha", m.in_proj_weight.detach() + m.lora_delta_weight().detach()))
@@ -390,6 +398,9 @@ def _add_op(model, modules, dims, name, path, kind, op):
             model.peft_kept = nn.ModuleDict()
         model.peft_kept[name] = op
         return
+    if kind == "mona":  # an identity in the base's block, its output replaced per image by each adapter's Mona
+        block, _, attr = path.rpartition(".")
+        modules[path], dims[path], kind = routing_slot(modules[block], attr), 0, "adapter"  # (B, H, W, C)
     module = modules[path]
     if kind == "prefix":
         if not hasattr(module, "peft_prefixes"):

@@ -1,6 +1,6 @@
 """Mona (peft_d2/tuners/mona.py): the layer against the paper's equations written out here, its grid layout in
 every supported block family (Swin with padded and shifted windows, detectron2's ViT windowed and global blocks,
-SAM's encoder), exactness when fresh, counts, config errors, adapter files and merging."""
+SAM's encoder), exactness when fresh, counts, config errors, adapter files, merging and multi-adapter serving."""
 
 import copy
 import os
@@ -15,9 +15,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from test_modeling import base_cfg, inputs
+from test_multi_adapter import trained
 from test_peft_mask2former import build, peft_cfg
 
-from peft_d2 import LoRAConfig, PeftCheckpointError, PeftConfig, PeftConfigError, inject
+import peft_d2
+from peft_d2 import LoRAConfig, PeftCheckpointError, PeftConfig, PeftConfigError, inject, multi
 from peft_d2 import checkpoint as ckpt
 from peft_d2.config import peft_config_from_cfg
 from peft_d2.modeling.backbone.sam import D2SAMSimpleFeaturePyramid, add_sam_config
@@ -378,7 +380,7 @@ def test_with_adapters_lora_and_prefix_on_the_same_blocks():
     assert prefixed.blocks[2].mona_mlp.up.weight.grad.abs().sum() > 0
 
 
-# ------------------------------------------------------------------------------------ files, merging
+# ------------------------------------------------------------------------------------ files, merging, serving
 def test_adapter_file_round_trip(tmp_path):
     model = randomise(tiny_swin())
     inject(model, MONA)
@@ -414,3 +416,39 @@ def test_merging_is_refused_because_mona_cannot_fold_into_base_weights(tmp_path)
     with pytest.raises(PeftCheckpointError, match=r"cannot merge: .*\(mona\)"):
         merge_adapter.main(["--config-file", str(tmp_path / "mona.yaml"), "--adapter", adapter, "--output", str(out)])
     assert not out.exists()
+
+
+def test_mixed_batch_with_mona_equals_each_image_through_its_own_model(tmp_path):
+    """Mona on both sites, Mona after the MLP of the last stage only, and LoRA, served from one detectron2 Swin;
+    8 images, so that the last stage's 8 x 8 map has as many rows as the batch has images."""
+    configs = {
+        "mona": MONA,
+        "late": PeftConfig(methods=("mona",), mona=MonaConfig(bottleneck=4, placements=("mlp",),
+                                                                  blocks=("layers.1.*",))),
+        "lora": PeftConfig(methods=("lora",), lora=LoRAConfig(r=4, targets=["*.attn.qkv"])),
+    }
+    singles, paths = {}, {}
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_swin()
+        inject(model, PeftConfig.from_dict(config.to_dict()))
+        singles[name] = trained(model, i)
+        paths[name] = ckpt.save_adapter(model, str(tmp_path / f"{name}.safetensors"))
+    serve = tiny_swin()
+    x = images(8)
+    routing = ["mona", None, "late", "lora", "mona", "late", None, "lora"]
+    with torch.no_grad():
+        base = serve(x)
+        peft_d2.load_adapters(serve, paths)
+        with multi.route(serve, routing):
+            mixed = serve(x)
+        single = {name: m(x) for name, m in singles.items()}
+        with peft_d2.disable_adapters(serve):
+            assert all(torch.equal(serve(x)[k], base[k]) for k in base)
+    slots = [m for n, m in serve.named_modules() if n.endswith((".mona_attn", ".mona_mlp"))]
+    assert len(slots) == 8 and all(isinstance(m, nn.Identity) for m in slots)  # the adapters' Mona: routed ops
+    for key in mixed:
+        for i, name in enumerate(routing):
+            expected = base[key][i] if name is None else single[name][key][i]
+            torch.testing.assert_close(mixed[key][i], expected, rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(routing):  # every adapter changes the last stage: the comparison can fail
+        assert name is None or not torch.allclose(single[name]["p1"][i], base["p1"][i], rtol=1e-5, atol=1e-5)

@@ -187,6 +187,16 @@ def convert_block(block: nn.Module) -> None:
     block.__class__ = _CLASSES[base]
 
 
+def routing_slot(block: nn.Module, attr: str) -> nn.Module:
+    """For serving several adapters (peft_d2.multi): the block's Mona site `attr` as an identity module, whose
+    output the router replaces, for each image, by that image's adapter's Mona of it (images on the base, or on
+    an adapter without Mona there, keep the identity)."""
+    convert_block(block)
+    if attr not in block._modules:
+        block.add_module(attr, nn.Identity())
+    return block._modules[attr]
+
+
 @register_method
 class MonaMethod(PeftMethod):
     """Mona after the attention and/or the MLP of every backbone transformer block matching MONA.BLOCKS. Plan
