@@ -80,6 +80,10 @@ METHODS = {
     METHODS: ["sfa"]
     SFA:
       BUDGET_RATIO: 0.01"""),
+    "mona": ("Mona after attention and MLP of every Swin block", """
+    METHODS: ["mona"]
+    MONA:
+      PLACEMENTS: ["attn", "mlp"]"""),
     "baseline_heads_only": ("baseline: class and mask heads only", """
     METHODS: []"""),
     "baseline_decoder_only": ("baseline: the transformer decoder (with heads)", """
