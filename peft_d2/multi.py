@@ -22,6 +22,11 @@ model computes there, so a mixed batch equals running each image through its own
 Images of one adapter are taken together (index_select / index_copy), so a batch with K adapters costs one
 base pass plus each adapter's own small computations.
 
+LoRA and DoRA on a layer add to its output, from the layer's input (DoRA: y + (f - 1)(y - b) + f s B A x, with the
+factor f = m / ||W + dW|| computed once at loading: served adapters are frozen), except on a detectron2 Conv2d
+with a norm or an activation, whose routed images run the convolution again with the update, then the norm and
+the activation (the update must go in before them).
+
 Which rows belong to which image: inside transformer blocks and MSDeformAttn modules tensors are batch-major
 with the rows of one image contiguous (Swin windows included); nn.MultiheadAttention says so through
 `batch_first`; in Mask2Former's predictor the decoder layers are (queries, batch, C) and the class and mask
@@ -52,7 +57,7 @@ from .checkpoint import inject_from_checkpoint, read_adapter
 from .errors import PeftCheckpointError, PeftConfigError
 from .inject import peft_parameter_names
 from .tuners.adapter import _parallel_adapter_hook, _sequential_adapter_hook
-from .tuners.lora import LoRALayer
+from .tuners.lora import LoRALayer, lora_conv_forward
 from .tuners.mona import routing_slot
 from .tuners.prefix import _FORWARDS, attention_kind
 
@@ -85,7 +90,8 @@ class _Route:
 
 
 class LoRABranch(nn.Module, LoRALayer):
-    """The LoRA factors of one layer of one adapter, computing `lora_output` exactly as the layer did."""
+    """The LoRA factors of one layer of one adapter, computing `lora_result` exactly as the layer did in eval.
+    A served adapter is frozen, so DoRA's factor m / ||W + dW|| is computed once, here."""
 
     def __init__(self, layer: LoRALayer):
         super().__init__()
@@ -93,14 +99,26 @@ class LoRABranch(nn.Module, LoRALayer):
             raise PeftConfigError("a MoPEFT-gated LoRA cannot be routed per image")
         self.lora_A, self.lora_B = layer.lora_A, layer.lora_B
         self.lora_row_blocks, self.lora_r, self.lora_scaling = layer.lora_row_blocks, layer.lora_r, layer.lora_scaling
+        self.lora_conv, self.lora_dora = layer.lora_conv, layer.lora_dora
         self.lora_dropout, self.lora_merged = nn.Identity(), False
         self.lora_shape = tuple(layer._lora_weight().shape)
         if layer.__dict__.get("lora_cobot") is not None:
             object.__setattr__(self, "lora_cobot", layer.lora_cobot)
             self.lora_slots = layer.lora_slots
+        if layer.lora_dora:
+            with torch.no_grad():
+                self.register_buffer("dora_factor", layer.lora_dora_factor().detach(), persistent=False)
+                bias = layer._lora_bias()
+                self.register_buffer("dora_bias", None if bias is None else bias.detach().clone(), persistent=False)
 
-    def _lora_weight(self):  # only its shape is read by lora_output
+    def _lora_weight(self):  # only its shape is read by lora_result
         return torch.empty(self.lora_shape, device="meta")
+
+    def lora_dora_factor(self):
+        return self.dora_factor
+
+    def _lora_bias(self):
+        return self.dora_bias
 
 
 class RoutedSite(nn.Module):
@@ -164,7 +182,9 @@ def _route_hook(module, args, kwargs, output):
         out = pick(first)
         for kind, op in zip(site.kinds[name], site.ops[name]):
             if kind == "lora":
-                out = out + op.lora_output(pick(args[0])).to(out.dtype)
+                out = op.lora_result(out, pick(args[0]))
+            elif kind == "lora_conv":  # detectron2 Conv2d: the update joins the convolution before norm, activation
+                out = lora_conv_forward(module, pick(args[0]), op)
             elif kind == "lora_mha":
                 out = _mha_rows(module, args, kwargs, rows, site.mha_weights[name])
             elif kind == "head":
@@ -355,7 +375,9 @@ def load_adapters(model: nn.Module, paths: dict, check_base: bool = True) -> dic
                         if attr in m._modules]
             if isinstance(m, LoRALayer):
                 if isinstance(m, nn.MultiheadAttention):
-                    ops.append((p, "lora_mha", m.in_proj_weight.detach() + m.lora_delta_weight().detach()))
+                    ops.append((p, "lora_mha", m.lora_adapted_weight().detach()))
+                elif getattr(m, "norm", None) is not None or getattr(m, "activation", None) is not None:
+                    ops.append((p, "lora_conv", LoRABranch(m)))
                 else:
                     ops.append((p, "lora", LoRABranch(m)))
         for p, m in view.named_modules():  # in the order of the module's hooks, which is the order they run in

@@ -42,8 +42,8 @@ def test_a_misspelt_key_gets_the_closest_valid_keys(tmp_path):
     from peft_d2.config import get_cfg, merge_config
 
     with pytest.raises(PeftConfigError, match=r"^Non-existent config key MODEL.PEFT.LORA.RANKK on the command line "
-                       r"\(KEY VALUE overrides\); closest valid keys: MODEL.PEFT.LORA.RANK, MODEL.PEFT.LORA.RSLORA, "
-                       r"MODEL.PEFT.LORA.ALPHA$"):
+                       r"\(KEY VALUE overrides\); closest valid keys: MODEL.PEFT.LORA.RANK, MODEL.PEFT.LORA.DORA, "
+                       r"MODEL.PEFT.LORA.RSLORA$"):
         merge_config(get_cfg(), opts=["MODEL.PEFT.LORA.RANKK", "4"])
     (tmp_path / "base.yaml").write_text("SOLVER:\n  MAXITER: 10\n")
     (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\n")

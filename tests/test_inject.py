@@ -158,8 +158,8 @@ def test_trainable_pattern_matching_nothing():
 
 def test_method_on_wrong_module_names_path_and_type():
     model = tiny_vit()
-    cfg = PeftConfig(methods=("lora",), lora=LoRAConfig(targets=["patch_embed.proj"]))
-    with pytest.raises(PeftConfigError, match=r"'patch_embed.proj' \(Conv2d\)"):
+    cfg = PeftConfig(methods=("lora",), lora=LoRAConfig(targets=["blocks.0.norm1"]))
+    with pytest.raises(PeftConfigError, match=r"LORA.TARGETS: LoRA on module 'blocks.0.norm1' \(LayerNorm\): LoRA"):
         inject(model, cfg)
 
 

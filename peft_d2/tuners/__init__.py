@@ -17,7 +17,16 @@ from .base import (
 
 # isort: off
 # (the registration order)
-from .lora import LoRAConfig, LoRALayer, LoRALinear, LoRAMultiheadAttention, add_lora, lora_parameter_count
+from .lora import (
+    LoRAConfig,
+    LoRAConv2d,
+    LoRAD2Conv2d,
+    LoRALayer,
+    LoRALinear,
+    LoRAMultiheadAttention,
+    add_lora,
+    lora_parameter_count,
+)
 from .adapter import AdapterConfig, Bottleneck, ParallelAdapter, SequentialAdapter, adapter_parameter_count
 from .prefix import PrefixConfig, PrefixKV, add_prefix, prefix_parameter_count
 from .mopeft import MoPEFTConfig, MoPEFTGates
@@ -29,7 +38,8 @@ from .mona import Mona, MonaConfig, mona_parameter_count
 __all__ = [
     "METHODS", "PeftConfig", "PeftMethod", "Plan", "application_order", "config_keys", "get_method", "option",
     "register_method", "unregister_method", "CobotConfig", "CobotOrchestrator", "cobot_parameter_count",
-    "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAMultiheadAttention", "add_lora", "AdapterConfig", "Bottleneck",
+    "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAConv2d", "LoRAD2Conv2d", "LoRAMultiheadAttention", "add_lora",
+    "AdapterConfig", "Bottleneck",
     "SequentialAdapter", "ParallelAdapter", "lora_parameter_count", "adapter_parameter_count", "PrefixConfig",
     "PrefixKV", "add_prefix", "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates", "SFAConfig", "SFALinear",
     "Mona", "MonaConfig", "mona_parameter_count",
