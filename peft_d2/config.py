@@ -3,12 +3,19 @@
 The node is built from the registry: the general keys below, one OPTIM learning rate and weight decay per
 optimizer group of the registered methods, and one sub-node per method made from its config dataclass's
 fields (key, default, doc). `python -m peft_d2.config` prints the key table the README carries.
+
+`merge_config` is the one loader of the tools' YAML configs: detectron2's `_BASE_` inheritance, where a base may
+also be a config of detectron2's model zoo (`_BASE_: "model_zoo://COCO-InstanceSegmentation/..."`), and errors
+that name the key and the file.
 """
 
 import argparse
 import difflib
 import json
+import logging
+import os
 
+import yaml
 from detectron2.config import CfgNode as CN
 
 from .errors import PeftConfigError
@@ -186,11 +193,98 @@ def _json_value(value):
     return [_json_value(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
+MODEL_ZOO = "model_zoo://"
+
+
+def model_zoo_config_file(name: str, named_in: str) -> str:
+    """The file of detectron2's model-zoo config `name` ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    a path under detectron2/model_zoo/configs), which the _BASE_ key of the file `named_in` names; an unknown
+    name is a PeftConfigError naming both and the zoo's closest names."""
+    from detectron2 import model_zoo
+
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:  # "... not available in Model Zoo!"
+        root = os.path.join(os.path.dirname(model_zoo.__file__), "configs")
+        names = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+                       if f.endswith(".yaml"))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"closest: {', '.join(MODEL_ZOO + c for c in close)}" if close else \
+            f"e.g. {MODEL_ZOO}COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+        raise PeftConfigError(
+            f"_BASE_ {MODEL_ZOO}{name} in {named_in}: detectron2's model zoo has no config {name!r} (the names are "
+            f"paths under {root}); {hint}") from None
+
+
+def load_yaml_with_base(filename: str) -> dict:
+    """The YAML file `filename` over its _BASE_ chain, as a dict: what detectron2's (fvcore's)
+    `CfgNode.load_yaml_with_base` returns (a base path is relative to the file naming it unless it starts with
+    /, ~, http:// or https://; a list of bases merges in order; the file's keys override its bases'; YAML that
+    needs the unsafe loader is read with it, as `CfgNode.merge_from_file` allows), except that a base may also
+    be `model_zoo://<name>`: the config of detectron2's model zoo at <name> (`model_zoo.get_config_file`),
+    read with its own _BASE_ chain."""
+    from detectron2.utils.file_io import PathManager
+
+    with PathManager.open(filename, "r") as f:
+        text = f.read()
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError:
+        logging.getLogger(__name__).warning(f"Loading config {filename} with yaml.unsafe_load")
+        tree = yaml.unsafe_load(text)
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise PeftConfigError(f"{filename}: a config file holds a mapping of keys, got {type(tree).__name__}")
+    bases = tree.pop("_BASE_", [])
+    merged = {}
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str) or not base:
+            raise PeftConfigError(f"_BASE_ in {filename}: a base is a file name, got {base!r}")
+        if base.startswith(MODEL_ZOO):
+            path = model_zoo_config_file(base[len(MODEL_ZOO):], filename)
+        else:
+            path = os.path.expanduser(base) if base.startswith("~") else base
+            if not path.startswith(("/", "https://", "http://")):
+                path = os.path.join(os.path.dirname(filename), path)
+            if "://" not in path and not os.path.isfile(path):
+                raise PeftConfigError(f"_BASE_ {base} in {filename}: {path} does not exist")
+        _merge_tree(load_yaml_with_base(path), merged, path)
+    _merge_tree(tree, merged, filename)
+    return merged
+
+
+def _merge_tree(a: dict, b: dict, filename: str) -> None:
+    """Merge the dict `a` into `b` (in place): `a`'s values win; nested mappings merge key by key."""
+    for key, value in a.items():
+        if isinstance(value, dict) and key in b:
+            if not isinstance(b[key], dict):
+                raise PeftConfigError(f"{filename}: key {key} is a mapping, but its _BASE_ chain has a value there")
+            _merge_tree(value, b[key], filename)
+        else:
+            b[key] = value
+
+
+def merge_file(cfg: CN, filename: str) -> CN:
+    """`cfg.merge_from_file(filename)` with `load_yaml_with_base` reading the file and its _BASE_ chain (so a base
+    may be a model-zoo config); returns `cfg`. A file of an older detectron2 config VERSION is an error (detectron2
+    would convert it); a file without VERSION is taken as the latest, as detectron2 does."""
+    if not os.path.isfile(filename) and "://" not in filename:
+        raise PeftConfigError(f"Config file {filename} does not exist")
+    loaded = type(cfg)(load_yaml_with_base(filename))
+    version = loaded.get("VERSION", cfg.VERSION)
+    if version != cfg.VERSION:
+        raise PeftConfigError(f"VERSION {version} in {filename} (or a file of its _BASE_ chain): this detectron2 "
+                              f"reads VERSION {cfg.VERSION} configs; convert it with detectron2.config.compat")
+    cfg.merge_from_other_cfg(loaded)
+    return cfg
+
+
 def merge_config(cfg: CN, config_file: str | None = None, opts=()) -> CN:
-    """`cfg.merge_from_file(config_file)`, then `cfg.merge_from_list(opts)` (the command line's KEY VALUE
-    overrides), in place; returns `cfg`. A key `cfg` lacks is a PeftConfigError naming the key, where it came
-    from and the closest valid keys, instead of yacs' bare "Non-existent key"."""
-    steps = [(cfg.merge_from_file, config_file, f"in {config_file} (or a file of its _BASE_ chain)")]
+    """`merge_file(cfg, config_file)` (detectron2's `merge_from_file`, with model-zoo bases), then
+    `cfg.merge_from_list(opts)` (the command line's KEY VALUE overrides), in place; returns `cfg`. A key `cfg`
+    lacks is a PeftConfigError naming the key, where it came from and the closest valid keys, instead of yacs'
+    bare "Non-existent key"."""
+    steps = [(lambda f: merge_file(cfg, f), config_file, f"in {config_file} (or a file of its _BASE_ chain)")]
     steps = steps if config_file else []
     steps.append((cfg.merge_from_list, list(opts), "on the command line (KEY VALUE overrides)"))
     for merge, arg, where in steps:

@@ -61,6 +61,56 @@ def test_a_misspelt_key_gets_the_closest_valid_keys(tmp_path):
     assert cfg.SOLVER.MAX_ITER == 10 and cfg.SOLVER.BASE_LR == 0.5
 
 
+ZOO_MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+
+
+def test_a_base_may_be_a_model_zoo_config(tmp_path):
+    """`_BASE_: model_zoo://NAME` is detectron2's model-zoo config NAME with its own _BASE_ chain (Base-RCNN-FPN.yaml),
+    the same keys detectron2's merge_from_file gives for the zoo file, under the files that name it."""
+    from detectron2 import model_zoo
+
+    from peft_d2.config import get_cfg, merge_config
+
+    (tmp_path / "base.yaml").write_text(f'_BASE_: "model_zoo://{ZOO_MASK_RCNN}"\nSOLVER:\n  MAX_ITER: 7\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("_BASE_: [../base.yaml]\nMODEL:\n  ROI_HEADS:\n    NUM_CLASSES: 3\n")
+    cfg = merge_config(get_cfg(), str(tmp_path / "sub" / "child.yaml"), ["SOLVER.BASE_LR", "0.01"])
+    expected = get_cfg()
+    expected.merge_from_file(model_zoo.get_config_file(ZOO_MASK_RCNN))
+    expected.merge_from_list(["SOLVER.MAX_ITER", 7, "MODEL.ROI_HEADS.NUM_CLASSES", 3, "SOLVER.BASE_LR", 0.01])
+    assert cfg == expected
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.MASK_ON and cfg.SOLVER.STEPS == (210000, 250000)  # the 3x file
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone" and cfg.SOLVER.IMS_PER_BATCH == 16  # its base's
+    assert cfg.SOLVER.MAX_ITER == 7 and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.SOLVER.BASE_LR == 0.01
+
+
+def test_a_bad_base_names_the_file_and_the_key(tmp_path):
+    from peft_d2.config import get_cfg, merge_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('_BASE_: "model_zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_9x.yaml"\n')
+    (tmp_path / "child.yaml").write_text("_BASE_: bad.yaml\n")
+    with pytest.raises(PeftConfigError, match=(
+            rf"^_BASE_ model_zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_9x.yaml in {bad}: detectron2's model "
+            r"zoo has no config 'COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_9x.yaml' \(the names are paths under "
+            r".*detectron2/model_zoo/configs\); closest: model_zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x"
+            r".yaml, ")):
+        merge_config(get_cfg(), str(tmp_path / "child.yaml"))
+    bad.write_text('_BASE_: "model_zoo://nothing/like/it.yaml"\n')
+    with pytest.raises(PeftConfigError, match=r"has no config 'nothing/like/it.yaml' .*; e.g. model_zoo://COCO-Inst"):
+        merge_config(get_cfg(), str(bad))
+    bad.write_text("_BASE_: missing.yaml\n")
+    with pytest.raises(PeftConfigError, match=rf"^_BASE_ missing.yaml in {bad}: {tmp_path}/missing.yaml does not "
+                       "exist$"):
+        merge_config(get_cfg(), str(bad))
+    with pytest.raises(PeftConfigError, match=rf"^Config file {tmp_path}/none.yaml does not exist$"):
+        merge_config(get_cfg(), str(tmp_path / "none.yaml"))
+    bad.write_text("VERSION: 1\n")
+    with pytest.raises(PeftConfigError, match=rf"^VERSION 1 in {bad} \(or a file of its _BASE_ chain\): this "
+                       "detectron2 reads VERSION 2 configs"):
+        merge_config(get_cfg(), str(bad))
+
+
 def test_an_option_after_the_overrides_is_a_usage_error(capsys):
     import argparse
 
