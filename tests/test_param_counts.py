@@ -1,4 +1,5 @@
-"""The parameter counts of every committed PEFT config (configs/*/peft, configs/synthetic/demo) are pinned.
+"""The parameter counts of every committed PEFT config (configs/*/peft, configs/synthetic/demo, and the Mask R-CNN
+configs of configs/coco/mask_rcnn) are pinned.
 
 `param_counts.json` was recorded from the code before methods moved behind the registry (issue 15); the
 counts (all, trainable, per method) and the names and shapes of the model's and the adapter file's tensors
@@ -19,14 +20,14 @@ import peft_d2.build  # noqa: F401 - registers the PEFT meta-architecture
 import peft_d2.modeling  # noqa: F401 - registers Mask2Former's parts
 from peft_d2.build import build_base_model
 from peft_d2.checkpoint import adapter_state_dict
-from peft_d2.config import get_cfg, peft_config_from_cfg
+from peft_d2.config import get_cfg, merge_config, peft_config_from_cfg
 from peft_d2.inject import inject, parameter_report
 from peft_d2.tuners import sfa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "param_counts.json")
 FOLDERS = sorted({os.path.relpath(os.path.dirname(p), ROOT) for p in glob.glob(f"{ROOT}/configs/*/peft/*.yaml")}
-                 | {"configs/synthetic/demo"})
+                 | {"configs/synthetic/demo", "configs/coco/mask_rcnn"})
 
 
 def folder_configs(folder):
@@ -34,8 +35,7 @@ def folder_configs(folder):
 
 
 def load(path):
-    cfg = get_cfg()
-    cfg.merge_from_file(path)
+    cfg = merge_config(get_cfg(), path)  # the tools' loader: a _BASE_ may be a model-zoo config
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
     return cfg
 
