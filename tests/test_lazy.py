@@ -144,6 +144,30 @@ def test_shipped_configs_build_frozen_models(name, method):
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_r50_fpn_lora_adapts_the_backbone_and_fpn_convolutions_and_the_box_head_linear():
+    """The new-baseline R50-FPN config: LoRA on every convolution of the ResNet's residual blocks and of the FPN
+    (detectron2 Conv2d with FrozenBN) and on the box head's fc1, r (c_in kh kw + c_out) parameters each; the README's
+    LazyConfig table carries the counts."""
+    from detectron2.layers import Conv2d
+
+    cfg = LazyConfig.load(str(LAZY / "mask_rcnn_R_50_FPN_100ep_LSJ_lora.py"))
+    model = instantiate(cfg.model)
+    modules = dict(model.named_modules())
+    adapted = {n.rpartition(".lora_")[0] for n in peft_parameter_names(model)}
+    convs = {n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)
+             and n.startswith(("backbone.bottom_up.res", "backbone.fpn_"))}
+    assert len(convs) == 16 * 3 + 4 + 4 + 4  # 16 bottleneck blocks, 4 shortcuts, 4 lateral and 4 output convs
+    assert all(isinstance(modules[n], Conv2d) and modules[n].norm is not None for n in convs)
+    linears = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n.startswith("roi_heads.box_head")}
+    assert linears == {"roi_heads.box_head.fc1"}  # its head: four convolutions, one linear
+    assert adapted == convs | linears
+    r = cfg.model.peft.lora.r
+    lora = sum(r * (modules[n].weight[0].numel() + modules[n].weight.shape[0]) for n in adapted)
+    report = model.peft_report
+    assert report["by_method"]["lora"] == lora == 863_232
+    assert (report["trainable"], report["total"]) == (1_294_817, 47_103_152)  # 2.75%
+
+
 # ------------------------------------------------------------------------------------------ the script
 
 

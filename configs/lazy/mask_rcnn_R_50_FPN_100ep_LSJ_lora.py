@@ -1,9 +1,13 @@
-"""LoRA on the box head of detectron2's new-baseline Mask R-CNN R50-FPN (100 epochs, large-scale jitter), the
-box and mask predictors trainable, everything else frozen: a COCO-trained detector adapted to a new dataset.
+"""LoRA on the convolutions of detectron2's new-baseline Mask R-CNN R50-FPN (100 epochs, large-scale jitter) and
+on its box head's linear, the box and mask predictors trainable, everything else frozen: a COCO-trained detector
+adapted to a new dataset.
 
-The base is the model zoo's `new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py` with its COCO weights. A ResNet has
-no transformer blocks, so LoRA goes where the detector has linears (the box head's fc1) and adapters have no
-site here (see mask_rcnn_vitdet_b_adapters.py for adapters). Set the new dataset and its class count:
+The base is the model zoo's `new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py` with its COCO weights. LoRA (r=8)
+goes on every convolution of the ResNet's residual blocks (res2-res5: conv1-conv3 and the shortcuts; the stem
+stays as it is), on the FPN's lateral and output convolutions (LoRA on a convolution: docs/methods.md) and on
+the box head's one linear, fc1 (this head is four convolutions and one fully connected layer); the RPN and the
+box and mask heads' convolutions stay frozen. A ResNet has no transformer blocks, so adapters have no site
+here (see mask_rcnn_vitdet_b_adapters.py for adapters). Set the new dataset and its class count:
 
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_R_50_FPN_100ep_LSJ_lora.py \
         dataloader.train.dataset.names=my_train dataloader.test.dataset.names=my_val \
@@ -28,7 +32,8 @@ model = L(peft_model)(
     model=_net,
     peft=dict(
         methods=["lora"],
-        lora=dict(r=8, alpha=8.0, targets=["roi_heads.box_head.fc1"]),
+        lora=dict(r=8, alpha=8.0, targets=["backbone.bottom_up.res*.*.conv?", "backbone.bottom_up.res*.*.shortcut",
+                                           "backbone.fpn_lateral?", "backbone.fpn_output?", "roi_heads.box_head.fc?"]),
         trainable=["roi_heads.box_predictor.*", "roi_heads.mask_head.predictor.*"],
     ),
 )
