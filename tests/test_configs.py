@@ -226,3 +226,25 @@ def test_mask_rcnn_r50_fpn_lora_adapts_every_block_and_fpn_convolution_and_the_b
     assert trainable == {f"roi_heads.{h}.{t}" for h in ("box_predictor.cls_score", "box_predictor.bbox_pred",
                                                         "mask_head.predictor") for t in ("weight", "bias")}
 
+
+def test_peft_configs_are_what_make_peft_configs_writes(tmp_path):
+    """The committed configs/*/peft/ and configs/synthetic/demo/ files are tools/make_peft_configs.py's output, and
+    every file it writes is committed."""
+    tool = load_tool("make_peft_configs.py", "peft_d2_make_peft_configs")
+    tool.main(str(tmp_path))
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.yaml"))
+    assert len(written) > 100
+    for rel in written:
+        assert (CONFIG_DIR / rel).read_text() == (tmp_path / rel).read_text(), rel
+    for folder in tool.BASES:
+        committed = sorted(str(p.relative_to(CONFIG_DIR)) for p in (CONFIG_DIR / folder).glob("*.yaml"))
+        assert committed == sorted(w for w in written if w.startswith(f"{folder}/")), folder
+
+
+@pytest.mark.parametrize("folder", list(load_tool("make_peft_configs.py", "peft_d2_make_peft_configs").BASES))
+def test_mona_is_half_as_wide_as_the_first_swin_stage(folder):
+    """MONA.BOTTLENECK is half of the base's MODEL.SWIN.EMBED_DIM: the paper's m = 64 at Swin-B (128 wide), 16 on the
+    micro models (32 wide)."""
+    cfg = load(f"{folder}/mona.yaml")
+    assert cfg.MODEL.PEFT.MONA.BOTTLENECK * 2 == cfg.MODEL.SWIN.EMBED_DIM, folder
+    assert cfg.MODEL.PEFT.MONA.BOTTLENECK == (64 if cfg.MODEL.SWIN.EMBED_DIM == 128 else 16), folder
