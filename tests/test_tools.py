@@ -58,6 +58,29 @@ def test_param_report_counts_and_sizes(capsys):
     assert float(rows["lora_backbone"][7]) < 3  # adapter file under 3% of the full checkpoint
 
 
+def test_param_report_prints_the_conv_lora_shares_of_resnet_models(capsys):
+    """detectron2's Mask R-CNN R50-FPN (its config's _BASE_ a model-zoo config) and the R50 Mask2Former with LoRA on
+    their convolutions; the ResNet patterns on a Swin base are reported as not applicable."""
+    import param_report
+
+    configs = ROOT / "configs"
+    param_report.main(["--config-file", str(configs / "coco" / "mask_rcnn" / "mask_rcnn_R_50_FPN_3x_lora.yaml")])
+    row = capsys.readouterr().out.splitlines()[2].split()
+    assert row[:5] == ["own-base", "mask_rcnn_R_50_FPN_3x_lora", "45,222,832", "1,311,201", "2.90"]
+    assert row[-2:] == ["lora=879,616,", "base=431,585"]
+    peft = configs / "coco" / "peft"
+    param_report.main(["--config-file", str(peft / "lora_resnet.yaml"), str(peft / "lora_conv.yaml"), "--bases",
+                       str(configs / "coco" / "instance-segmentation" / "maskformer2_R50_bs16_50ep.yaml"),
+                       str(configs / "synthetic" / "maskformer2_swin_micro_bs4_B.yaml")])
+    rows = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows[("maskformer2_R50_bs16_50ep", "lora_resnet")].split()[2:5] == ["44,667,601", "915,537", "2.05"]
+    assert "lora=697,344" in rows[("maskformer2_R50_bs16_50ep", "lora_resnet")]
+    assert "lora=63,488" in rows[("maskformer2_R50_bs16_50ep", "lora_conv")]  # wider inputs than at Swin-B
+    assert " ".join(rows[("maskformer2_swin_micro_bs4_B", "lora_resnet")].split()[2:]).startswith(
+        "n/a not applicable: MODEL.PEFT.LORA.TARGETS: pattern 'backbone.res*.*.conv?' matches no")
+    assert "lora=7,936" in rows[("maskformer2_swin_micro_bs4_B", "lora_conv")]
+
+
 def test_benchmark_train_refuses_an_unknown_method_before_building(monkeypatch, capsys):
     import benchmark_train
 
@@ -68,8 +91,8 @@ def test_benchmark_train_refuses_an_unknown_method_before_building(monkeypatch, 
     peft = ROOT / "configs" / "synthetic" / "peft"
     assert (f"error: argument --methods: no config lora.yaml in {peft}; valid names: adapters_1, adapters_2, "
             "adapters_3, adapters_parallel, baseline_decoder_only, baseline_heads_only, baseline_whole_head, "
-            "cobot_adapter, cobot_lora, lora_adapters, lora_backbone, lora_msdeformattn, mopeft, prefix, sfa "
-            "(or 'all')") in capsys.readouterr().err
+            "cobot_adapter, cobot_lora, lora_adapters, lora_backbone, lora_conv, lora_dora, lora_msdeformattn, mona, "
+            "mopeft, prefix, sfa (or 'all')") in capsys.readouterr().err
 
 
 def _docstring_source(path: Path) -> tuple[ast.Expr, list[str]]:

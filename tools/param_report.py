@@ -4,12 +4,15 @@ r"""Trainable-parameter report of PEFT configs, and adapter-checkpoint size agai
     python tools/param_report.py --config-file configs/coco/peft/*.yaml \
         --bases configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml \
                 configs/coco/instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml
+    python tools/param_report.py --config-file configs/coco/mask_rcnn/mask_rcnn_R_50_FPN_3x_lora.yaml
 
 Counts need no data and no weights: each model is built on CPU from its config. With --bases, every PEFT
 config's MODEL.META_ARCHITECTURE and MODEL.PEFT node is applied on top of each base config instead of its
 own _BASE_ chain (a scale sweep). The adapter checkpoint is written for real (safetensors); the full
 checkpoint size is the float32 state dict's size. A config whose method cannot apply to a base (LoRA on
-transformer blocks of a ResNet) is reported with the reason.
+transformer blocks of a ResNet, on a ResNet's convolutions in a Swin) is reported with the reason. Any model
+detectron2's build_model builds is counted: the Mask2Former configs and detectron2's own (the Mask R-CNN R50-FPN
+of configs/coco/mask_rcnn, whose _BASE_ is a model-zoo config).
 """
 
 import argparse
