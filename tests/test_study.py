@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from peft_d2 import study
-from peft_d2.study import engine, report
+from peft_d2.study import engine, report, studies
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -175,6 +175,14 @@ def test_page_is_generated_from_the_raw_results(tmp_path):
         assert f"| {v.claim} | **{v.verdict}** |" in page
     assert "| full_finetune | 20.0 | 30.0 | 30.0 | 1 |" in page  # the selection table
     assert "**pass**: the base matters" in page
+
+
+@pytest.mark.parametrize("folder", ["configs/synthetic/demo", "configs/synthetic/peft", "configs/dsb2018/peft"])
+def test_every_method_of_a_study_has_its_config(folder):
+    """A study runs every name in studies.METHODS from <method>.yaml of its folder ("scratch": full fine-tuning's)."""
+    root = Path(__file__).resolve().parents[1] / folder
+    missing = [m for m in studies.METHODS if not (root / f"{'full_finetune' if m == 'scratch' else m}.yaml").is_file()]
+    assert not missing, f"{folder} lacks configs for {missing} (tools/make_peft_configs.py writes them)"
 
 
 def test_bad_arguments_are_refused():

@@ -1,6 +1,6 @@
 """A transfer benchmark: every method, paired seeds, learning rates chosen on the target's val split, verdicts.
 
-    python tools/benchmark_peft.py                # the synthetic study: 17 methods x 5 seeds, ~50-75 min on 2 cores
+    python tools/benchmark_peft.py                # the synthetic study: 20 methods x 5 seeds, ~1 h on 2 cores
     python tools/benchmark_peft.py --study dsb2018 --data ROOT --source fluorescence --target tissue
     python tools/benchmark_peft.py --report-only  # rewrite the page from the committed raw results
 

@@ -19,7 +19,8 @@ __all__ = ["Study", "synthetic", "dsb2018", "STUDIES", "METHODS"]
 # PEFT methods, each a <method>.yaml in the study's method_configs folder
 METHODS = ("scratch", "full_finetune", "baseline_heads_only", "baseline_decoder_only", "baseline_whole_head",
            "lora_backbone", "lora_msdeformattn", "adapters_1", "adapters_2", "adapters_3", "adapters_parallel",
-           "lora_adapters", "prefix", "mopeft", "cobot_lora", "cobot_adapter", "sfa")  # fmt: skip
+           "lora_adapters", "prefix", "mopeft", "cobot_lora", "cobot_adapter", "sfa", "lora_dora", "lora_conv",
+           "mona")  # fmt: skip
 
 
 @dataclass(frozen=True)
