@@ -20,7 +20,6 @@ from .base import (
 from .lora import (
     LoRAConfig,
     LoRAConv2d,
-    LoRAD2Conv2d,
     LoRALayer,
     LoRALinear,
     LoRAMultiheadAttention,
@@ -38,7 +37,7 @@ from .mona import Mona, MonaConfig, mona_parameter_count
 __all__ = [
     "METHODS", "PeftConfig", "PeftMethod", "Plan", "application_order", "config_keys", "get_method", "option",
     "register_method", "unregister_method", "CobotConfig", "CobotOrchestrator", "cobot_parameter_count",
-    "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAConv2d", "LoRAD2Conv2d", "LoRAMultiheadAttention", "add_lora",
+    "LoRAConfig", "LoRALayer", "LoRALinear", "LoRAConv2d", "LoRAMultiheadAttention", "add_lora",
     "AdapterConfig", "Bottleneck",
     "SequentialAdapter", "ParallelAdapter", "lora_parameter_count", "adapter_parameter_count", "PrefixConfig",
     "PrefixKV", "add_prefix", "prefix_parameter_count", "MoPEFTConfig", "MoPEFTGates", "SFAConfig", "SFALinear",

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.layers import Conv2d as D2Conv2d
 
 from .. import sites
 from ..errors import PeftConfigError
@@ -316,7 +315,7 @@ class LoRAConv2d(nn.Conv2d, LoRALayer):
 
     @classmethod
     def wrap(cls, conv: nn.Conv2d, cfg: LoRAConfig) -> "LoRAConv2d":
-        conv.__class__ = LoRAD2Conv2d if isinstance(conv, D2Conv2d) else cls
+        conv.__class__ = __getattr__("LoRAD2Conv2d") if isinstance(conv, _d2_conv2d()) else cls
         conv.lora_conv = (conv.stride, conv.padding, conv.dilation)
         conv._init_lora(conv.weight, cfg)
         return conv
@@ -331,9 +330,22 @@ class LoRAConv2d(nn.Conv2d, LoRALayer):
         return f"{super().extra_repr()}, lora_r={self.lora_r}, dora={self.lora_dora}"
 
 
-class LoRAD2Conv2d(LoRAConv2d, D2Conv2d):
-    """detectron2.layers.Conv2d with LoRA: the update is added to the convolution's output, then the layer's
-    `norm` and `activation` run as in detectron2."""
+def _d2_conv2d():
+    """detectron2.layers.Conv2d, imported on first use, not with peft_d2: importing detectron2.layers raises
+    TorchScript notices that the tools silence (peft_d2.quiet) only after importing peft_d2."""
+    from detectron2.layers import Conv2d
+
+    return Conv2d
+
+
+def __getattr__(name):
+    """`LoRAD2Conv2d` (detectron2.layers.Conv2d with LoRA: the update is added to the convolution's output, then
+    the layer's `norm` and `activation` run as in detectron2), made on first use (see `_d2_conv2d`)."""
+    if name != "LoRAD2Conv2d":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = type(name, (LoRAConv2d, _d2_conv2d()), {"__module__": __name__, "__doc__": __getattr__.__doc__})
+    globals()[name] = cls
+    return cls
 
 
 class LoRAMultiheadAttention(nn.MultiheadAttention, LoRALayer):
@@ -380,7 +392,6 @@ def lora_parameter_count(in_features: int, out_rows: int, r: int, n_blocks: int 
     return n_blocks * (r * (in_features + out_rows) + (out_rows if dora else 0))
 
 
-CONVS = (nn.Conv2d, D2Conv2d)  # the convolution classes LoRA converts (their forwards are known)
 ACCEPTED = "nn.Linear, nn.Conv2d (detectron2.layers.Conv2d included) and nn.MultiheadAttention"
 
 
@@ -396,7 +407,7 @@ def lora_site(module: nn.Module, cfg: LoRAConfig, path: str = ""):
             d = module.out_features // 3
             return "linear", [("qkv".index(b) * d, ("qkv".index(b) + 1) * d) for b in cfg.qkv_blocks]
         return "linear", None
-    if type(module) in CONVS:
+    if type(module) in (nn.Conv2d, _d2_conv2d()):  # the convolutions whose forwards LoRA knows
         if module.groups != 1:
             raise PeftConfigError(
                 f"a grouped convolution (groups={module.groups}) cannot take LoRA: A would mix the channels of "
