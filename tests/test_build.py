@@ -35,9 +35,16 @@ def test_backbone_hook_freezes_the_backbone_only():
     with pytest.raises(PeftConfigError, match="MODEL.PEFT.ADAPTER.BLOCKS"):  # a ResNet has no transformer blocks
         build_model(cfg)
     cfg.MODEL.PEFT.METHODS = ["lora"]
-    cfg.MODEL.PEFT.LORA.TARGETS = ["bottom_up.stem.conv1"]
-    with pytest.raises(PeftConfigError, match=r"'bottom_up.stem.conv1' \(Conv2d\)"):
+    cfg.MODEL.PEFT.LORA.TARGETS = ["bottom_up.stem.conv1.norm"]
+    with pytest.raises(PeftConfigError, match=r"'bottom_up.stem.conv1.norm' \(\w+\): LoRA applies to nn.Linear"):
         build_model(cfg)
+    cfg.MODEL.PEFT.LORA.TARGETS = ["bottom_up.stem.conv1"]  # a convolution takes LoRA
+    model = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    backbone = {n for n in trainable if n.startswith("backbone.")}
+    assert {"backbone.bottom_up.stem.conv1.lora_A", "backbone.bottom_up.stem.conv1.lora_B"} <= backbone
+    assert all(".lora_" in n or n.startswith("backbone.fpn_output") for n in backbone)
+    assert trainable - backbone == {n for n, _ in model.named_parameters() if not n.startswith("backbone.")}
 
 
 @pytest.mark.parametrize("key, value, match", [
