@@ -72,6 +72,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="toy data and sizes: the test suite's run")
     parser.add_argument("--pretrain-iters", type=int)
     parser.add_argument("--finetune-iters", type=int)
+    parser.add_argument("--no-adopt", dest="adopt", action="store_false",
+                        help="never reuse a base or runs made by older code, even where the current code replays "
+                             "them identically (peft_d2/study/adopt.py)")
     args = parser.parse_args(argv)
     if args.study == "dsb2018" and not args.data and not args.report_only:
         parser.error("--study dsb2018 needs --data ROOT: the folder that holds stage1_train/ (datasets/README.md)")
@@ -108,7 +111,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     study = make_study(parser, args)
     output = args.output or os.path.join(DOCS, study.page)
-    plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers)
+    plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers, adopt=args.adopt)
     base = plan.pretrain()
     print(f"base model: mask AP {base['AP']:.1f} on {study.source} val", flush=True)
 

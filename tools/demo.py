@@ -79,6 +79,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr-scales-from", default=BENCHMARK_JSON,
                         help="the benchmark results whose chosen learning-rate scales the runs use")
     parser.add_argument("--smoke", action="store_true", help="toy data and sizes: the test suite's run")
+    parser.add_argument("--no-adopt", dest="adopt", action="store_false",
+                        help="never reuse a base or runs made by older code, even where the current code replays "
+                             "them identically (peft_d2/study/adopt.py)")
     args = parser.parse_args(argv)
     if args.methods == ["all"]:
         args.methods = ALL_METHODS
@@ -97,7 +100,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     print(f"[setup] data and models are cached under {os.path.join(cache_root(), 'synthetic')}", flush=True)
     study = studies.synthetic(args.smoke)
-    plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers)
+    plan = Plan(study, args.pretrain_iters, args.finetune_iters, args.workers, adopt=args.adopt)
 
     base = plan.pretrain()
     curve = curve_text(base["curve"])

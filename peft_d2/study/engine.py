@@ -1,6 +1,6 @@
 """How a study runs: its data and base are made once per machine (cached, keyed by what made them); each
 fine-tuning run is tools/train_net.py in a child process, its result cached; the learning-rate search is one
-rule for every method.
+rule for every method. What older code made is reused where the current code replays it identically (adopt.py).
 
 The protocol's learning-rate search: every learning rate of a method's config multiplied by a scale from
 LR_LADDER, starting with LR_SCALES. One run per scale with SELECTION_SEED, scored on the target's val split; the
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from . import adopt
 from .cache import ROOT, Lock, cache_root, fingerprint
 from .studies import Study
 
@@ -37,8 +38,9 @@ SELECTION_SEED = 100
 class Plan:
     """Where a study's stages live and how each is run: one object shared by the demo and the benchmark."""
 
-    def __init__(self, study: Study, pretrain_iters=None, finetune_iters=None, workers=2):
+    def __init__(self, study: Study, pretrain_iters=None, finetune_iters=None, workers=2, adopt=True):
         self.study = study
+        self.adopt = adopt  # reuse a base or runs of older code that replay identically (adopt.py)
         self.data = study.data
         self.workers = workers
         self.data_root = study.prepare()
@@ -60,16 +62,97 @@ class Plan:
         with Lock(self.pretrain_dir + ".lock"):
             if os.path.exists(result_file):
                 return json.load(open(result_file))
-            opts = ["DATASETS.TRAIN", f'("{s.datasets["source_train"]}",)',
-                    "DATASETS.TEST", f'("{s.datasets["source_val"]}",)', *self.extra]  # fmt: skip
-            if self.pretrain_iters:
-                opts += ["SOLVER.MAX_ITER", str(self.pretrain_iters), "SOLVER.STEPS", "()",
-                         "TEST.EVAL_PERIOD", str(max(self.pretrain_iters // 2, 1)),
-                         "SOLVER.WARMUP_ITERS", str(min(self.pretrain_iters, 10))]  # fmt: skip
-            spec = {"config": os.path.join(ROOT, s.pretrain_config), "opts": opts, "threads": 2,
-                    "eval": [s.datasets["source_val"]], "resume": s.pretrain_resumable}  # fmt: skip
+            spec = self.pretrain_spec()
+            cached = [d for d in self._finished("pretrain-") if adopt.same_spec(spec, _spec_of(d))]
+            if self._adopt(spec, self.pretrain_dir, cached, f"the base pretrained on {s.source}"):
+                return json.load(open(result_file))
             run_child(spec, self.pretrain_dir, self.data_root, progress_label=f"pretraining on {s.source}")
             return json.load(open(result_file))
+
+    def pretrain_spec(self):
+        s = self.study
+        opts = ["DATASETS.TRAIN", f'("{s.datasets["source_train"]}",)',
+                "DATASETS.TEST", f'("{s.datasets["source_val"]}",)', *self.extra]  # fmt: skip
+        if self.pretrain_iters:
+            opts += ["SOLVER.MAX_ITER", str(self.pretrain_iters), "SOLVER.STEPS", "()",
+                     "TEST.EVAL_PERIOD", str(max(self.pretrain_iters // 2, 1)),
+                     "SOLVER.WARMUP_ITERS", str(min(self.pretrain_iters, 10))]  # fmt: skip
+        return {"config": os.path.join(ROOT, s.pretrain_config), "opts": opts, "threads": 2,
+                "eval": [s.datasets["source_val"]], "resume": s.pretrain_resumable}  # fmt: skip
+
+    # -- adopting what older code made (adopt.py)
+    def _finished(self, prefix, folders=None):
+        """Finished folders whose names start with `prefix` in `folders` (default: the study's cache), newest
+        first."""
+        out = []
+        for parent in folders or [self.home]:
+            if os.path.isdir(parent):
+                out += [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(prefix)
+                        and os.path.exists(os.path.join(parent, d, "result.json"))]  # fmt: skip
+        return sorted(out, key=lambda d: os.path.getmtime(os.path.join(d, "result.json")), reverse=True)
+
+    def _adopt(self, spec, target_dir, cached_dirs, label) -> bool:
+        """Adopt the first of `cached_dirs` (finished by older code, same spec) that the current code replays
+        identically into `target_dir`; True when one was."""
+        for cached in cached_dirs if self.adopt else []:
+            replay_dir = target_dir + ".replay"
+            shutil.rmtree(replay_dir + ".tmp", ignore_errors=True)  # a replay starts afresh, never resumes
+            rspec = dict(spec, replay={"iters": adopt.REPLAY_ITERS, "weights": os.path.join(cached, "model_final.pth")})
+            try:
+                run_child(rspec, replay_dir, self.data_root)
+                record, why = adopt.check(replay_dir, cached)
+            except SystemExit as e:  # the current code cannot even replay it
+                record, why = None, str(e)
+            shutil.rmtree(replay_dir, ignore_errors=True)
+            if record:
+                adopt.link_adopted(cached, target_dir, record)
+                print(f"   {label}: adopted {os.path.basename(cached)}, made by older code (replayed "
+                      f"{record['replayed_iterations']} iterations, largest relative difference "
+                      f"{record['largest_difference']:.1e}; its weights evaluate to AP {record['AP']:.2f} as "
+                      "recorded)", flush=True)  # fmt: skip
+                return True
+            print(f"   {label}: not adopting {os.path.basename(cached)}: {why}", flush=True)
+        return False
+
+    def _run_folders(self):
+        """The runs folders of this base and of the bases it was adopted from."""
+        folders, d = [], self.pretrain_dir
+        while d:
+            folders.append(os.path.join(self.home, "runs-" + os.path.basename(d).split("-", 1)[1]))
+            record = os.path.join(d, "adopted.json")
+            d = json.load(open(record))["from"] if os.path.exists(record) else None
+        return folders
+
+    def adopt_runs(self, todo):
+        """Adopts cached runs of older code for `todo`, a method at a time: one of its runs is replayed
+        (adopt.py); when it matches, every run of the method with a cached same-spec run is adopted. Returns the
+        runs still to do."""
+        if not self.adopt:
+            return todo
+        folders = self._run_folders()
+
+        def candidates(r):
+            spec = self.run_spec(*r)
+            prefix = os.path.basename(self.run_dir(*r)).rsplit("-", 1)[0] + "-"
+            return [d for d in self._finished(prefix, folders) if adopt.same_spec(spec, _spec_of(d))]
+
+        def one(method):
+            runs = [(r, c) for r in todo if r[0] == method for c in [candidates(r)] if c]
+            if not runs:
+                return set()
+            (first, cached), rest = runs[0], runs[1:]
+            if not self._adopt(self.run_spec(*first), self.run_dir(*first), cached, method):
+                return set()
+            replayed = json.load(open(os.path.join(self.run_dir(*first), "adopted.json")))
+            for r, c in rest:
+                record = dict(replayed, replayed_run=replayed["from"])
+                adopt.link_adopted(c[0], self.run_dir(*r), dict(record, **{"from": os.path.realpath(c[0])}))
+            print(f"   {method}: adopted {len(runs)} cached run(s)", flush=True)
+            return {r for r, _ in runs}
+
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
+            done = set().union(*ex.map(one, sorted({r[0] for r in todo})))
+        return [r for r in todo if r not in done]
 
     # -- fine-tuning runs
     def run_dir(self, method, seed, lr_scale, split):
@@ -95,6 +178,7 @@ class Plan:
         """Run (method, seed, lr_scale, split) tuples, `workers` at a time; returns their results in order.
         Finished runs are read from the cache."""
         todo = [r for r in runs if not os.path.exists(os.path.join(self.run_dir(*r), "result.json"))]
+        todo = self.adopt_runs(todo)
         progress = progress or Progress(len(todo), self.workers)
         if len(todo) < len(runs):
             print(f"{len(runs) - len(todo)} of {len(runs)} runs cached", flush=True)
@@ -259,6 +343,10 @@ def load_result(run_dir):
     return json.load(open(os.path.join(run_dir, "result.json")))
 
 
+def _spec_of(run_dir):
+    return json.load(open(os.path.join(run_dir, "spec.json")))
+
+
 # ----------------------------------------------------------------------------------------- the learning rate
 
 
@@ -318,8 +406,8 @@ def child(spec_file):
     spec = json.load(open(spec_file))
     torch.set_num_threads(spec["threads"])
     out = spec["out_dir"]
-    resume = bool(spec.get("resume"))
-    period = [] if resume else ["SOLVER.CHECKPOINT_PERIOD", "100000000"]
+    period = [] if spec.get("resume") else ["SOLVER.CHECKPOINT_PERIOD", "100000000"]
+    resume = bool(spec.get("resume")) and not spec.get("replay")  # a replay has the run's config, starts afresh
     args = default_argument_parser().parse_args(
         ["--config-file", spec["config"], "--num-gpus", "1", "OUTPUT_DIR", out,
          "DATALOADER.NUM_WORKERS", "0", *period, *spec["opts"]])  # fmt: skip
@@ -328,6 +416,8 @@ def child(spec_file):
         json.dump({"max_iter": cfg.SOLVER.MAX_ITER}, f)
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=resume)
+    if spec.get("replay"):
+        return replay(trainer, cfg, spec)
     try:
         trainer.train()
         evals = trainer._last_eval_results  # DefaultTrainer's final evaluation on cfg.DATASETS.TEST (one dataset)
@@ -361,6 +451,28 @@ def child(spec_file):
         for f in os.listdir(out):
             if f.startswith("model_0") and f.endswith(".pth"):
                 os.remove(os.path.join(out, f))
+
+
+def replay(trainer, cfg, spec):
+    """adopt.py's replay: train spec["replay"]["iters"] iterations (the schedule of the whole run, logged to
+    metrics.json), then evaluate the cached weights spec["replay"]["weights"] on spec['eval']: result.json."""
+    import train_net
+    from detectron2.engine import hooks
+
+    from peft_d2.engine import PeftCheckpointer
+
+    # the loop ends early (the learning-rate schedule was built for the whole run); the periodic evaluations
+    # before that end still run, as they did in the run replayed (they draw random numbers), the final one not
+    trainer.max_iter = min(spec["replay"]["iters"], trainer.max_iter)
+    for h in trainer._hooks:
+        if isinstance(h, hooks.EvalHook):
+            h.after_train = lambda: None
+    trainer.train()
+    model = train_net._unwrap(trainer.model)
+    PeftCheckpointer(model).load(spec["replay"]["weights"])
+    evals = train_net.Trainer.test(cfg, model)
+    with open(os.path.join(spec["out_dir"], "result.json"), "w") as f:
+        json.dump({"AP": evals["segm"]["AP"], "AP50": evals["segm"]["AP50"]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import statistics
 import time
 
+from . import adopt
 from . import rules as study
 from .cache import ROOT
 from .engine import curve_text
@@ -317,7 +318,7 @@ def write_page(raw, out_prefix):
         f"- command: `{raw['command']}`",
         f"- date: {raw['date']}; machine: {raw['machine']}; duration: {raw['duration_min']:.0f} min"
         + wall_text(raw),
-        f"- commit: {raw['commit']}",
+        f"- commit: {raw['commit']}" + adopted_text(raw),
         f"- data: {json.dumps(raw['data'])}",
         f"- base: mask AP **{base['AP']:.1f}** on {src} val ({sizes['source_val']}) after "
         f"{base['iterations']} iterations; learning curve (iteration: AP) {curve}",
@@ -375,6 +376,18 @@ def wall_text(raw) -> str:
         parts.append(f"{len(runs)} fine-tuning runs {sum(r['wall_s'] for r in runs) / 60:.0f} min of run time "
                      f"({workers} at a time)")
     return f" (in the last invocation, which reused what was cached; in all: {', '.join(parts)})" if parts else ""
+
+
+def adopted_text(raw) -> str:
+    """What of the study the commit's code reused from folders that older code made (adopt.py)."""
+    runs = raw["selection"] + raw["runs"]
+    n = sum("adopted" in r for r in runs)
+    parts = (["the base"] if "adopted" in raw["base"] else []) + ([f"{n} of {len(runs)} runs"] if n else [])
+    if not parts:
+        return ""
+    return (f"; {' and '.join(parts)} made by older code, adopted after this code replayed "
+            f"{adopt.REPLAY_ITERS} iterations of each (one run per method) and re-evaluated its weights with equal "
+            "results (peft_d2/study/adopt.py)")
 
 
 def edge_note(raw) -> str:
