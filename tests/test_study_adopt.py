@@ -105,14 +105,14 @@ def test_a_code_change_that_changes_no_number_reuses_the_base_and_runs(tmp_path,
     base = new.pretrain()
     assert base["adopted"]["from"] == os.path.realpath(old.pretrain_dir)
     assert {k: v for k, v in base.items() if k != "adopted"} == old_base
-    new_runs = new.run_many(runs)
+    new_runs = new.run_many(runs[:1]) + new.run_many(runs[1:])  # the method is replayed once
     assert [{k: v for k, v in r.items() if k != "adopted"} for r in new_runs] == old_runs
     first = os.path.realpath(old.run_dir(*runs[0]))
     assert new_runs[0]["adopted"]["from"] == new_runs[1]["adopted"]["replayed_run"] == first
     text = capsys.readouterr().out
     assert "base pretrained on A: adopted" in text and "(replayed 4 iterations" in text  # all the base had
     assert text.count("largest relative difference 0.0e+00") == 2  # the base and the first run
-    assert "lora_backbone: adopted 2 cached run(s)" in text
+    assert text.count("lora_backbone: adopted 1 cached run(s)") == 2
     left = sorted(os.listdir(os.path.dirname(new.run_dir(*runs[0]))))
     assert left == sorted(os.path.basename(new.run_dir(*r)) for r in runs)  # no replay folder is left
 

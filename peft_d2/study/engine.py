@@ -41,6 +41,7 @@ class Plan:
     def __init__(self, study: Study, pretrain_iters=None, finetune_iters=None, workers=2, adopt=True):
         self.study = study
         self.adopt = adopt  # reuse a base or runs of older code that replay identically (adopt.py)
+        self.replayed = {}  # method -> the adoption record of its replayed run (None: it did not match)
         self.data = study.data
         self.workers = workers
         self.data_root = study.prepare()
@@ -125,8 +126,8 @@ class Plan:
 
     def adopt_runs(self, todo):
         """Adopts cached runs of older code for `todo`, a method at a time: one of its runs is replayed
-        (adopt.py); when it matches, every run of the method with a cached same-spec run is adopted. Returns the
-        runs still to do."""
+        (adopt.py; once per plan and method); when it matches, every run of the method with a cached same-spec run
+        is adopted. Returns the runs still to do."""
         if not self.adopt:
             return todo
         folders = self._run_folders()
@@ -140,15 +141,22 @@ class Plan:
             runs = [(r, c) for r in todo if r[0] == method for c in [candidates(r)] if c]
             if not runs:
                 return set()
-            (first, cached), rest = runs[0], runs[1:]
-            if not self._adopt(self.run_spec(*first), self.run_dir(*first), cached, method):
+            done = set()
+            if method not in self.replayed:  # a method is replayed once per plan
+                (first, cached), runs = runs[0], runs[1:]
+                record = os.path.join(self.run_dir(*first), "adopted.json")
+                ok = self._adopt(self.run_spec(*first), self.run_dir(*first), cached, method)
+                self.replayed[method] = json.load(open(record)) if ok else None
+                done.add(first)
+            replayed = self.replayed[method]
+            if replayed is None:  # its replay did not match: none of its runs is adopted
                 return set()
-            replayed = json.load(open(os.path.join(self.run_dir(*first), "adopted.json")))
-            for r, c in rest:
+            for r, c in runs:
                 record = dict(replayed, replayed_run=replayed["from"])
                 adopt.link_adopted(c[0], self.run_dir(*r), dict(record, **{"from": os.path.realpath(c[0])}))
-            print(f"   {method}: adopted {len(runs)} cached run(s)", flush=True)
-            return {r for r, _ in runs}
+                done.add(r)
+            print(f"   {method}: adopted {len(done)} cached run(s)", flush=True)
+            return done
 
         with concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
             done = set().union(*ex.map(one, sorted({r[0] for r in todo})))
