@@ -94,17 +94,14 @@ class Plan:
 
     def _adopt(self, spec, target_dir, cached_dirs, label) -> bool:
         """Adopt the first of `cached_dirs` (finished by older code, same spec) that the current code replays
-        identically into `target_dir`; True when one was."""
+        identically into `target_dir`; True when one was. Folders adopted from one origin are replayed once."""
+        origins = set()
         for cached in cached_dirs if self.adopt else []:
-            replay_dir = target_dir + ".replay"
-            shutil.rmtree(replay_dir + ".tmp", ignore_errors=True)  # a replay starts afresh, never resumes
-            rspec = dict(spec, replay={"iters": adopt.REPLAY_ITERS, "weights": os.path.join(cached, "model_final.pth")})
-            try:
-                run_child(rspec, replay_dir, self.data_root)
-                record, why = adopt.check(replay_dir, cached)
-            except SystemExit as e:  # the current code cannot even replay it
-                record, why = None, str(e)
-            shutil.rmtree(replay_dir, ignore_errors=True)
+            origin = os.path.realpath(os.path.join(cached, "metrics.json"))
+            if origin in origins:
+                continue
+            origins.add(origin)
+            record, why = self._replay(spec, target_dir, cached)
             if record:
                 adopt.link_adopted(cached, target_dir, record)
                 print(f"   {label}: adopted {os.path.basename(cached)}, made by older code (replayed "
@@ -114,6 +111,19 @@ class Plan:
                 return True
             print(f"   {label}: not adopting {os.path.basename(cached)}: {why}", flush=True)
         return False
+
+    def _replay(self, spec, target_dir, cached):
+        """adopt.check's verdict on one replay of `cached` by the current code."""
+        replay_dir = target_dir + ".replay"
+        shutil.rmtree(replay_dir + ".tmp", ignore_errors=True)  # a replay starts afresh, never resumes
+        rspec = dict(spec, replay={"iters": adopt.REPLAY_ITERS, "weights": os.path.join(cached, "model_final.pth")})
+        try:
+            run_child(rspec, replay_dir, self.data_root)
+            return adopt.check(replay_dir, cached)
+        except SystemExit as e:  # the current code cannot even replay it
+            return None, str(e)
+        finally:
+            shutil.rmtree(replay_dir, ignore_errors=True)
 
     def _run_folders(self):
         """The runs folders of this base and of the bases it was adopted from."""
