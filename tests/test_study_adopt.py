@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from peft_d2.ops._extension import ENV_VAR
 from peft_d2.study import adopt, engine, studies
 
 LOSSES = {"loss_ce": 1.25, "loss_mask": 0.5, "total_loss": 1.75, "lr": 0.001}
@@ -159,3 +160,18 @@ def test_check_names_the_first_difference(tmp_path):
     assert "loss_ce" in adopt.check(folder("loss", loss=1.3), cached)[1]
     why = adopt.check(folder("ap", ap=12.4), cached)[1]
     assert why == "its weights evaluate to AP 12.4000 now, 12.5000 when it was made"
+
+
+def test_the_operator_backend_is_part_of_every_key(monkeypatch):
+    """A clone without the compiled operator runs the reference, whose numbers differ in the last bits: its base
+    and runs get keys of their own (and the page says which operator ran)."""
+    study = dataclasses.replace(studies.synthetic(smoke=True), prepare=lambda: "/nowhere")
+    keys = {}
+    for backend in ("cpu", "reference"):
+        monkeypatch.setattr(engine, "operator_backend", lambda b=backend: b)
+        plan = engine.Plan(study, 4, 5)
+        keys[backend] = (plan.pretrain_key, plan.run_dir("lora_backbone", 0, 1.0, "val"))
+    assert keys["cpu"][0] != keys["reference"][0] and keys["cpu"][1] != keys["reference"][1]
+    monkeypatch.undo()
+    monkeypatch.setenv(ENV_VAR, "reference")  # what a clone without the build runs
+    assert engine.operator_backend() == "reference"

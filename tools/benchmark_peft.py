@@ -132,6 +132,7 @@ def main(argv=None):
         "command": "python tools/benchmark_peft.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "commit": commit + (" (with local changes)" if dirty else ""),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU" if not _cuda() else "CUDA",
+        "operator": plan.operator,
         "duration_min": (time.perf_counter() - t0) / 60, "study": study.info(), "data": plan.data, "base": base,
         "methods": args.methods, "seeds": args.seeds, "selection_seed": SELECTION_SEED,
         "lr_scales": args.lr_scales, "lr_ladder": list(LR_LADDER), "max_extensions": args.max_extensions,

@@ -49,10 +49,13 @@ class Plan:
         self.pretrain_iters = pretrain_iters
         self.finetune_iters = finetune_iters
         self.home = os.path.join(cache_root(), study.name)
-        self.pretrain_key = fingerprint(study.pretrain_code, self.data, self.extra, pretrain_iters)
+        # the deformable-attention operator the children will run (compiled kernel or reference): their numbers
+        # differ in the last bits, so it is part of every key (a clone without the build makes its own runs)
+        self.operator = operator_backend()
+        self.pretrain_key = fingerprint(study.pretrain_code, self.data, self.extra, pretrain_iters, self.operator)
         self.pretrain_dir = os.path.join(self.home, f"pretrain-{self.pretrain_key}")
         self.base_weights = os.path.join(self.pretrain_dir, "model_final.pth")
-        self.run_code = fingerprint(study.run_code)
+        self.run_code = fingerprint(study.run_code, self.operator)
 
     # -- the base model
     def pretrain(self):
@@ -359,6 +362,16 @@ def curve_text(curve) -> str:
 
 def load_result(run_dir):
     return json.load(open(os.path.join(run_dir, "result.json")))
+
+
+def operator_backend() -> str:
+    """'cpu', 'cuda' or 'reference': what runs the deformable-attention operator on the device the runs use."""
+    import torch
+
+    from peft_d2.ops import backend_info
+
+    backend = backend_info()["backend_for_cuda" if torch.cuda.is_available() else "backend_for_cpu"]
+    return backend.split(" (")[0]
 
 
 def _spec_of(run_dir):

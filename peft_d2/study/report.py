@@ -316,7 +316,9 @@ def write_page(raw, out_prefix):
         "do not edit by hand. The protocol is in the tool's docstring, the decision rules in the README.",
         "",
         f"- command: `{raw['command']}`",
-        f"- date: {raw['date']}; machine: {raw['machine']}; duration: {raw['duration_min']:.0f} min"
+        f"- date: {raw['date']}; machine: {raw['machine']}"
+        + (f" (deformable attention: the {OPERATORS[raw['operator']]})" if "operator" in raw else "")
+        + f"; duration: {raw['duration_min']:.0f} min"
         + wall_text(raw),
         f"- commit: {raw['commit']}" + adopted_text(raw),
         f"- data: {json.dumps(raw['data'])}",
@@ -376,6 +378,9 @@ def wall_text(raw) -> str:
         parts.append(f"{len(runs)} fine-tuning runs {sum(r['wall_s'] for r in runs) / 60:.0f} min of run time "
                      f"({workers} at a time)")
     return f" (in the last invocation, which reused what was cached; in all: {', '.join(parts)})" if parts else ""
+
+
+OPERATORS = {"cpu": "compiled CPU kernel", "cuda": "compiled CUDA kernel", "reference": "PyTorch reference"}
 
 
 def adopted_text(raw) -> str:
