@@ -328,6 +328,7 @@ def test_committed_pages_regenerate_from_their_raw_json(tmp_path, page):
 
 def test_page_names_the_operator_that_ran(tmp_path):
     raw = dict(_raw(tmp_path), operator="reference")
-    text = report.write_page(raw, str(tmp_path / "bench"))[0]
-    page = (tmp_path / "bench.md").read_text()
+    prefix = str(tmp_path / "bench")
+    text = report.write_page(raw, prefix)[0]
+    page = Path(prefix + ".md").read_text()
     assert "machine: test (deformable attention: the PyTorch reference); duration" in page and text
