@@ -82,7 +82,7 @@ def assert_close_rel(a, b, tol, what=""):
 
 
 def grads(fn, case, names):
-    inputs = {k: v.detach().clone().requires_grad_(k in names) for k, v in case.items()}
+    inputs = {k: v.detach().clone().requires_grad_(k in names) if torch.is_tensor(v) else v for k, v in case.items()}
     out = fn(inputs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(
         out.device, out.dtype
@@ -395,6 +395,38 @@ def test_input_errors_name_the_argument(cpu_kernel):
         ops.ms_deform_attn(v.long(), ss, lsi, loc, a)
     with pytest.raises(ValueError, match="sampling_locations is on meta but value is on cpu"):
         ops.ms_deform_attn(v, ss, lsi, loc.to("meta"), a)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_levels_as_int_pairs_equal_levels_as_tensors(cpu_kernel, monkeypatch, backend):
+    """spatial_shapes as (H_l, W_l) ints (what the pixel decoder passes: no host read, and export can trace it)
+    gives the same outputs and gradients as the tensors, on the kernel and on the reference, plain and fused."""
+    monkeypatch.setenv(ops.ENV_VAR, backend)
+    case = make_case(**CONFIGS["odd"])
+    levels = [tuple(hw) for hw in case["spatial_shapes"].tolist()]
+    as_pairs = {**case, "spatial_shapes": levels, "level_start_index": case["level_start_index"].tolist()}
+    derived = {**case, "spatial_shapes": levels, "level_start_index": None}
+    for fn, names in ((plain_fn(ops.ms_deform_attn), PLAIN_GRADS), (lora_fn(ops.ms_deform_attn_lora), LORA_GRADS)):
+        out, g = grads(fn, case, names)
+        for variant in (as_pairs, derived):
+            out2, g2 = grads(fn, variant, names)
+            torch.testing.assert_close(out2, out, rtol=0, atol=0)
+            for k in names:
+                torch.testing.assert_close(g2[k], g[k], rtol=0, atol=0)
+
+
+def test_bad_int_pair_levels_name_the_argument(cpu_kernel):
+    case = make_case(**CONFIGS["odd"])
+    v, _, _, loc, a = case["value"], *geo(case)
+    levels = [tuple(hw) for hw in case["spatial_shapes"].tolist()]
+    with pytest.raises(ValueError, match="spatial_shapes must be an \\(L, 2\\) int64 tensor or a sequence"):
+        ops.ms_deform_attn(v, [(2.0, 3.0)] + levels[1:], None, loc, a)
+    with pytest.raises(ValueError, match="spatial_shapes has 2 levels but sampling_locations has L = 5"):
+        ops.ms_deform_attn(v, levels[:2], None, loc, a)
+    with pytest.raises(ValueError, match="spatial_shapes sum of H_l\\*W_l is .* but value has S"):
+        ops.ms_deform_attn(v, [(levels[0][0] + 1, levels[0][1])] + levels[1:], None, loc, a)
+    with pytest.raises(ValueError, match="level_start_index must be the exclusive prefix sum"):
+        ops.ms_deform_attn(v, levels, [1, 2, 3], loc, a)
 
 
 def test_kernel_checks_bad_levels_directly(cpu_kernel):

@@ -22,12 +22,38 @@ def _require(cond, msg):
         raise ValueError(msg)
 
 
+def level_shapes(spatial_shapes):
+    """The levels' [(H_l, W_l)] as Python ints, from an (L, 2) integer tensor (a host read) or a sequence of pairs."""
+    if torch.is_tensor(spatial_shapes):
+        return [tuple(hw) for hw in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def _static_levels(name, spatial_shapes, L, S):
+    """Checks levels given as a sequence of (H_l, W_l) ints (no tensor read: what export traces); returns them."""
+    try:
+        shapes = [(h, w) for h, w in spatial_shapes]
+    except (TypeError, ValueError):
+        shapes = None
+    _require(
+        shapes is not None and all(isinstance(v, (int, torch.SymInt)) for hw in shapes for v in hw),
+        f"{name}: spatial_shapes must be an (L, 2) int64 tensor or a sequence of L (H_l, W_l) int pairs, "
+        f"got {spatial_shapes!r}",
+    )
+    _require(len(shapes) == L, f"{name}: spatial_shapes has {len(shapes)} levels but sampling_locations has L = {L}")
+    _require(all(h > 0 and w > 0 for h, w in shapes), f"{name}: spatial_shapes must be positive, got {shapes}")
+    _require(
+        sum(h * w for h, w in shapes) == S,
+        f"{name}: spatial_shapes sum of H_l*W_l is {sum(h * w for h, w in shapes)} but value has S = {S} positions",
+    )
+    return shapes
+
+
 def _check(name, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Checks shapes, dtypes and devices; returns (spatial_shapes, level_start_index) as int64."""
+    """Checks shapes, dtypes and devices; returns (spatial_shapes, level_start_index) as int64 tensors, or, where
+    the levels came as (H_l, W_l) ints, as a list of pairs and a list of starts."""
     for arg, t in (
         ("value", value),
-        ("spatial_shapes", spatial_shapes),
-        ("level_start_index", level_start_index),
         ("sampling_locations", sampling_locations),
         ("attention_weights", attention_weights),
     ):
@@ -48,6 +74,29 @@ def _check(name, value, spatial_shapes, level_start_index, sampling_locations, a
         _shape(attention_weights) == (N, Q, H, L, P),
         f"{name}: attention_weights must be (N, Q, H, L, P) = {(N, Q, H, L, P)}, got {_shape(attention_weights)}",
     )
+    for arg, t in (
+        ("value", value),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
+        _require(t.is_floating_point(), f"{name}: {arg} must be floating point, got {t.dtype}")
+    for arg, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        _require(
+            t.device == value.device, f"{name}: {arg} is on {t.device} but value is on {value.device}: move it there"
+        )
+    if not torch.is_tensor(spatial_shapes):
+        shapes = _static_levels(name, spatial_shapes, L, S)
+        starts = [sum(h * w for h, w in shapes[:i]) for i in range(L)]
+        if level_start_index is not None and not torch.is_tensor(level_start_index):
+            _require(
+                list(level_start_index) == starts,
+                f"{name}: level_start_index must be the exclusive prefix sum of H_l*W_l = {starts}, "
+                f"got {list(level_start_index)}",
+            )
+        return shapes, starts
+    for arg, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
     _require(
         _shape(spatial_shapes) == (L, 2),
         f"{name}: spatial_shapes must be (L, 2) = ({L}, 2) (L from sampling_locations), got {_shape(spatial_shapes)}",
@@ -61,18 +110,6 @@ def _check(name, value, spatial_shapes, level_start_index, sampling_locations, a
             not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
             f"{name}: {arg} must be an integer tensor (int64), got {t.dtype}",
         )
-    for arg, t in (
-        ("value", value),
-        ("sampling_locations", sampling_locations),
-        ("attention_weights", attention_weights),
-    ):
-        _require(t.is_floating_point(), f"{name}: {arg} must be floating point, got {t.dtype}")
-    for arg, t in (
-        ("spatial_shapes", spatial_shapes),
-        ("level_start_index", level_start_index),
-        ("sampling_locations", sampling_locations),
-        ("attention_weights", attention_weights),
-    ):
         _require(
             t.device == value.device, f"{name}: {arg} is on {t.device} but value is on {value.device}: move it there"
         )
@@ -96,6 +133,16 @@ def _check(name, value, spatial_shapes, level_start_index, sampling_locations, a
             f"{name}: level_start_index must be the exclusive prefix sum of H_l*W_l = {starts}, got {levels[2 * L :]}",
         )
     return spatial_shapes, level_start_index
+
+
+def _level_tensors(spatial_shapes, level_start_index, device):
+    """What the compiled kernels take: both as int64 tensors on the values' device."""
+    if torch.is_tensor(spatial_shapes):
+        return spatial_shapes, level_start_index
+    levels = torch.tensor([v for hw in spatial_shapes for v in hw] + level_start_index, dtype=torch.long)
+    levels = levels.to(device, non_blocking=True)
+    L = len(level_start_index)
+    return levels[: 2 * L].view(L, 2), levels[2 * L :]
 
 
 def _kernel_dtypes(backend, value, sampling_locations, attention_weights):
@@ -126,8 +173,10 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
     Args:
         value: (N, S, H, D) values per head, S = sum_l H_l * W_l, levels flattened row-major in order.
-        spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
-        level_start_index: (L,) int64, offset of each level in S (the exclusive prefix sum of H_l * W_l).
+        spatial_shapes: (L, 2) int64, (H_l, W_l) per level; or a sequence of L (H_l, W_l) int pairs, which
+            spares the host read of the tensor's values and lets torch.export / ONNX export trace the levels.
+        level_start_index: (L,) int64, offset of each level in S (the exclusive prefix sum of H_l * W_l); with
+            spatial_shapes as int pairs, a list of ints or None (derived).
         sampling_locations: (N, Q, H, L, P, 2), (x, y) normalised to [0, 1] per level (pixel centres at
             (i + 0.5) / size, as grid_sample with align_corners=False); outside the level reads zeros.
         attention_weights: (N, Q, H, L, P); used as given (no normalisation).
@@ -150,6 +199,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         )
         return _output_dtype(out, value)
     vdt, gdt = _kernel_dtypes(backend, value, sampling_locations, attention_weights)
+    spatial_shapes, level_start_index = _level_tensors(spatial_shapes, level_start_index, value.device)
     out = torch.ops.peft_d2.ms_deform_attn_forward(
         value.to(vdt), spatial_shapes, level_start_index, sampling_locations.to(gdt), attention_weights.to(gdt)
     )
@@ -254,6 +304,7 @@ def ms_deform_attn_lora(
         )
         return _output_dtype(out, value)
     vdt, gdt = _kernel_dtypes(backend, value, sampling_locations, attention_weights)
+    spatial_shapes, level_start_index = _level_tensors(spatial_shapes, level_start_index, value.device)
     out, zs = torch.ops.peft_d2.ms_deform_attn_lora_forward(
         value.to(vdt),
         z.to(vdt),

@@ -9,8 +9,8 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
 
     Args:
         value: (N, S, H, D), S = sum_l H_l * W_l, levels flattened row-major in the order of spatial_shapes.
-        spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
-        level_start_index: (L,) int64, offset of each level in S (unused here; kept for the common signature).
+        spatial_shapes: (L, 2) int64, (H_l, W_l) per level, or a sequence of L (H_l, W_l) int pairs.
+        level_start_index: (L,) offsets of each level in S (unused here; kept for the common signature).
         sampling_locations: (N, Q, H, L, P, 2), (x, y) normalised to [0, 1] per level.
         attention_weights: (N, Q, H, L, P).
     Returns:
@@ -18,13 +18,13 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     """
     N, S, H, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_list = value.split(sizes, dim=1)
+    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
+    value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         # (N, H_l*W_l, H, D) -> (N*H, D, H_l, W_l)
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * H, D, int(h), int(w))
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * H, D, h, w)
         # (N, Q, H, P, 2) -> (N*H, Q, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))

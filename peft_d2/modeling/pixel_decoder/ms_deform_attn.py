@@ -136,7 +136,11 @@ class MSDeformAttn(nn.Module):
         N, Q, _ = query.shape
         offsets = self.sampling_offsets(query).view(N, Q, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            if torch.is_tensor(input_spatial_shapes):
+                normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            else:  # (H_l, W_l) ints: a constant (what export traces)
+                normalizer = torch.tensor([[w, h] for h, w in input_spatial_shapes], dtype=offsets.dtype,
+                                          device=offsets.device)
             return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         if reference_points.shape[-1] == 4:
             boxes = reference_points[:, :, None, :, None, :]
@@ -164,15 +168,20 @@ class MSDeformAttn(nn.Module):
             reference_points: (N, Q, L, 2) in [0, 1] (top-left (0, 0), bottom-right (1, 1), padding included),
                 or (N, Q, L, 4) reference boxes.
             input_flatten: (N, S, d), S = sum_l H_l * W_l.
-            input_spatial_shapes: (L, 2) int64 (H_l, W_l).
-            input_level_start_index: (L,) int64 start of each level in S.
+            input_spatial_shapes: (L, 2) int64 (H_l, W_l), or a list of L (H_l, W_l) int pairs (no host read of
+                a tensor; what torch.export and ONNX export need).
+            input_level_start_index: (L,) int64 start of each level in S (a list of ints with int pairs).
             input_padding_mask: (N, S) bool, True at padding, or None.
         Returns:
             (N, Q, d)
         """
         N, S, _ = input_flatten.shape
-        if (input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum() != S:
-            raise ValueError("input_spatial_shapes do not add up to the length of input_flatten")
+        if torch.is_tensor(input_spatial_shapes):
+            total = None if torch.compiler.is_compiling() else int(input_spatial_shapes.prod(1).sum())
+        else:
+            total = sum(h * w for h, w in input_spatial_shapes)
+        if total is not None and total != S:
+            raise ValueError(f"input_spatial_shapes add up to {total} positions but input_flatten has {S}")
         sampling_locations = self.compute_sampling_locations(query, reference_points, input_spatial_shapes)
         attention_weights = self.compute_attention_weights(query)
         output = self.aggregate_values(

@@ -79,7 +79,8 @@ class MSDeformAttnTransformerEncoder(nn.Module):
 
     @staticmethod
     def get_reference_points(spatial_shapes, valid_ratios, device):
-        """Pixel centres of every level, normalised by the valid area: (N, S, L, 2) as (x, y)."""
+        """Pixel centres of every level, normalised by the valid area: (N, S, L, 2) as (x, y).
+        spatial_shapes: the (H_l, W_l) int pairs (or an (L, 2) tensor, as the official code passes)."""
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
             ref_y, ref_x = torch.meshgrid(
@@ -144,23 +145,24 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
 
     def forward(self, srcs, pos_embeds):
-        """srcs, pos_embeds: L maps (N, d, H_l, W_l). Returns (memory (N, S, d), spatial_shapes (L, 2), starts (L,))."""
+        """srcs, pos_embeds: L maps (N, d, H_l, W_l). Returns memory (N, S, d), the levels' [(H_l, W_l)] and their
+        start offsets in S (Python ints; the official code returns them as tensors)."""
         masks = [torch.zeros((x.size(0), x.size(2), x.size(3)), device=x.device, dtype=torch.bool) for x in srcs]
         src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
         for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
+            shapes.append((int(src.shape[-2]), int(src.shape[-1])))  # (ints when jit.trace gives tensors)
             src_flatten.append(src.flatten(2).transpose(1, 2))
             mask_flatten.append(mask.flatten(1))
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        # the levels travel as Python ints: no host read of a tensor per layer, and export traces them as constants
+        level_start_index = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten)
-        return memory, spatial_shapes, level_start_index
+        memory = self.encoder(src_flatten, shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten)
+        return memory, shapes, level_start_index
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -283,6 +285,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         mask_features (N, mask_dim, H/4, W/4), the coarsest encoder map (N, conv_dim, H/32, W/32) and
         the maskformer_num_feature_levels coarsest maps (coarse to fine), all float32."""
         device_type = next(iter(features.values())).device.type
+        if not torch.is_autocast_enabled(device_type):  # (no autocast region in an exported graph)
+            return self._forward_features(features)
         with torch.autocast(device_type=device_type, enabled=False):  # deformable attention runs in float32
             return self._forward_features(features)
 
@@ -295,11 +299,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         y, spatial_shapes, level_start_index = self.transformer(srcs, pos)
 
         bs = y.shape[0]
-        sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-        out = [
-            z.transpose(1, 2).view(bs, -1, int(h), int(w))
-            for z, (h, w) in zip(torch.split(y, sizes, dim=1), spatial_shapes.tolist())
-        ]
+        sizes = [h * w for h, w in spatial_shapes]
+        out = [z.transpose(1, 2).view(bs, -1, h, w) for z, (h, w) in zip(torch.split(y, sizes, dim=1), spatial_shapes)]
 
         # top-down FPN steps to the finer backbone levels (bilinear upsampling)
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):

@@ -263,7 +263,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             # a query whose mask is empty everywhere may attend to everything
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)  # (no data-dependent indexing: exportable)
             output = self.transformer_cross_attention_layers[i](
                 output,
                 src[level_index],
