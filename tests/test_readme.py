@@ -35,6 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = "## Training: `tools/train_net.py`"
 OWN_DATASET = "### Your own dataset: `--dataset NAME=ANNOTATIONS.json:IMAGE_ROOT`"
+EXPORT = "### Export: ONNX, torch.export, TorchScript"
 LAZY = "### LazyConfigs: `tools/lazyconfig_train_net.py`"
 
 # appended to each command of a script: the same run, small
@@ -45,6 +46,7 @@ TINY = {
                            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
                            "DATALOADER.NUM_WORKERS", "0"],
     "tools/merge_adapter.py": [],
+    "tools/export_model.py": ["--image-size", "64", "64"],
     "tools/lazyconfig_train_net.py": ["train.max_iter=2"],
 }
 
@@ -172,6 +174,19 @@ def test_training_section_runs_as_written(fresh_clone):
     evaluated = sorted(evaluated, key=key)
     assert [p["category_id"] for p in folded] == [p["category_id"] for p in evaluated]
     assert [p["score"] for p in folded] == pytest.approx([p["score"] for p in evaluated], abs=1e-4)
+
+    # the export of the fine-tuned adapter: ONNX Runtime runs it and agrees with the eager model
+    blocks = readme_blocks(EXPORT)
+    assert len(blocks) == 1 and [_kind(c) for c in blocks[0]] == ["export_model.py"], (
+        "the README's export block changed its steps: update this test with it")
+    (export,) = blocks[0]
+    assert (here / _opt(export, "--adapter")).resolve() == adapter.resolve()
+    _run(export)
+    out = here / _opt(export, "--output")
+    manifest = json.loads((out / "export.json").read_text())
+    assert (out / manifest["file"]).is_file() and manifest["merged"] == ["lora"] and manifest["kept"] == []
+    for check in manifest["largest_difference_to_eager"].values():
+        assert all(v <= (1e-4 if isinstance(v, float) else 0) for v in check.values()), check
 
     # your own dataset, on the base pretrained above
     blocks = readme_blocks(OWN_DATASET)

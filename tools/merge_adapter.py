@@ -24,10 +24,9 @@ from peft_d2.quiet import quiet_third_party_notices  # noqa: E402
 quiet_third_party_notices()  # before detectron2's imports, which raise most of them
 
 import peft_d2.modeling  # noqa: E402,F401 - registers Mask2Former's parts
-from peft_d2.build import build_base_model  # noqa: E402
-from peft_d2.checkpoint import atomic_write, inject_from_checkpoint, merged_state_dict, read_adapter  # noqa: E402
+from peft_d2.checkpoint import atomic_write, merged_state_dict  # noqa: E402
 from peft_d2.config import get_cfg, merge_config, parse_command_line  # noqa: E402
-from peft_d2.engine import PeftCheckpointer  # noqa: E402
+from peft_d2.engine.checkpoint import load_adapted_model  # noqa: E402
 
 
 def merge(cfg, adapter: str, output: str) -> str:
@@ -35,13 +34,7 @@ def merge(cfg, adapter: str, output: str) -> str:
         raise SystemExit(
             f"MODEL.META_ARCHITECTURE must be 'PEFT' to merge an adapter, got {cfg.MODEL.META_ARCHITECTURE!r}"
         )
-    model = build_base_model(cfg)
-    if cfg.MODEL.WEIGHTS:  # the base tensors the adapter file holds (a class head for another class count) may
-        # differ in shape: the file fills them, so their mismatch is no warning
-        tensors, _, _ = read_adapter(adapter)
-        PeftCheckpointer(model, supplied=tensors).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    inject_from_checkpoint(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
-    state = merged_state_dict(model)
+    state = merged_state_dict(load_adapted_model(cfg, adapter))
     atomic_write(output, lambda tmp: torch.save({"model": state, "__author__": "peft_d2.merge_adapter"}, tmp))
     plain = cfg.clone()
     plain.defrost()

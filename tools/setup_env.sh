@@ -73,6 +73,10 @@ fi
 if ! "$PY" -c "import torchmetrics" 2>/dev/null; then
   pipq install -q -c "$CON" torchmetrics==1.9.0
 fi
+# onnx and onnxruntime (tools/export_model.py), every version pinned in requirements/export.txt.
+if ! "$PY" -c "import onnx, onnxruntime" 2>/dev/null; then
+  pipq install -q -c "$CON" -r "$ROOT/requirements/export.txt"
+fi
 [[ -n "${VENV:-}" ]] && touch "$VENV/.peft_d2_ready"
 
 # The official Mask2Former code, unpacked (never installed) as the reference of the parity tests.

@@ -193,3 +193,19 @@ class PeftCheckpointer(DetectionCheckpointer):
                            "(its adapter_final.safetensors)")
         elif not names and left:
             logger.info(f"{grouped(left)}: {_shapes(left, base_key)}: initialised afresh, trained in this run")
+
+
+def load_adapted_model(cfg, adapter: str):
+    """The model an adapter file was trained into: MODEL.PEFT.BASE_META_ARCHITECTURE built from `cfg` (a PEFT
+    config), MODEL.WEIGHTS loaded, the file's own PeftConfig injected and its tensors loaded (SFA files bring their
+    selection). What tools/merge_adapter.py folds and tools/export_model.py exports."""
+    from ..build import build_base_model
+    from ..checkpoint import inject_from_checkpoint, read_adapter
+
+    model = build_base_model(cfg)
+    if cfg.MODEL.WEIGHTS:  # the base tensors the adapter file holds (a class head for another class count) may
+        # differ in shape: the file fills them, so their mismatch is no warning
+        tensors, _, _ = read_adapter(adapter)
+        PeftCheckpointer(model, supplied=tensors).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    inject_from_checkpoint(model, adapter, check_base=cfg.MODEL.PEFT.CHECK_BASE)
+    return model
