@@ -68,6 +68,7 @@ def test_source_names_no_index_host():
 
 def test_index_precedence(fetch, monkeypatch):
     mod, conf = fetch
+    import setuptools  # noqa: F401 - before pip (see fetch_reference.pip_default_index)
     from pip._internal.models.index import PyPI
 
     assert mod.index_urls() == [PyPI.simple_url]  # neither configured: pip's own default

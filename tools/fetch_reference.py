@@ -49,6 +49,9 @@ def pip_config() -> dict[str, str]:
 
 
 def pip_default_index() -> str:
+    # setuptools first: pip's import loads the stdlib's distutils, after which importing setuptools (torch's
+    # extension builder does, in the same process) fails in setuptools' distutils hack
+    import setuptools  # noqa: F401
     from pip._internal.models.index import PyPI  # pip's built-in default; not a public API, so fail clearly
 
     return PyPI.simple_url
