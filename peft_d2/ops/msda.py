@@ -22,13 +22,6 @@ def _require(cond, msg):
         raise ValueError(msg)
 
 
-def level_shapes(spatial_shapes):
-    """The levels' [(H_l, W_l)] as Python ints, from an (L, 2) integer tensor (a host read) or a sequence of pairs."""
-    if torch.is_tensor(spatial_shapes):
-        return [tuple(hw) for hw in spatial_shapes.tolist()]
-    return [(h, w) for h, w in spatial_shapes]
-
-
 def _static_levels(name, spatial_shapes, L, S):
     """Checks levels given as a sequence of (H_l, W_l) ints (no tensor read: what export traces); returns them."""
     try:
