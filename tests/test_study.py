@@ -308,7 +308,9 @@ def test_learning_curves_page_from_run_folders(tmp_path):
         tool.main(["--run", "no-equals-sign", "--output", prefix])
 
 
-@pytest.mark.parametrize("page", ["benchmark_synthetic", "benchmark_dsb2018", "dsb2018_recipes"])
+@pytest.mark.parametrize(
+    "page", ["benchmark_synthetic", "benchmark_dsb2018", "benchmark_dsb2018_5seeds", "dsb2018_recipes"]
+)
 def test_committed_pages_regenerate_from_their_raw_json(tmp_path, page):
     """docs/<page>.md is what its tool writes from docs/<page>.json: nothing was edited by hand, and the page code
     still reads every committed result."""
