@@ -40,18 +40,25 @@ from peft_d2.engine.checkpoint import load_adapted_model  # noqa: E402
 from peft_d2.errors import PeftConfigError  # noqa: E402
 
 
-def build(cfg, adapter: str):
-    """The eager model to export: the adapted PEFT model, or a plain config's model with MODEL.WEIGHTS."""
+def adapter_file(cfg, adapter: str) -> str:
+    """The adapter file to merge: --adapter, else a PEFT config's MODEL.PEFT.WEIGHTS ("" for a plain config)."""
     if cfg.MODEL.META_ARCHITECTURE == "PEFT":
         adapter = adapter or cfg.MODEL.PEFT.WEIGHTS
         if not adapter:
             raise PeftConfigError("export: a PEFT config needs --adapter or MODEL.PEFT.WEIGHTS (the adapter file)")
-        return load_adapted_model(cfg, adapter)
-    if adapter:
+    elif adapter:
         raise PeftConfigError(
             f"export: --adapter needs a PEFT config (MODEL.META_ARCHITECTURE 'PEFT'), got "
             f"{cfg.MODEL.META_ARCHITECTURE!r}"
         )
+    return adapter
+
+
+def build(cfg, adapter: str):
+    """The eager model to export: the model `adapter` (adapter_file's answer) was trained into, or a plain config's
+    model with MODEL.WEIGHTS."""
+    if adapter:
+        return load_adapted_model(cfg, adapter)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
@@ -88,7 +95,7 @@ def sample_images(cfg, path: str, size) -> torch.Tensor:
 
 def exportable(cfg, adapter="", sample_image="", size=()):
     """(the InstanceSegmentationExport of the merged model, the normalised sample batch, what was merged / kept)."""
-    model = build(cfg, adapter)
+    model = build(cfg, adapter_file(cfg, adapter))
     what = export.prepare(model)
     module = export.InstanceSegmentationExport(model, cfg.TEST.DETECTIONS_PER_IMAGE).eval()
     return module, sample_images(cfg, sample_image, image_size(cfg, model, size)), what
@@ -109,7 +116,7 @@ def run(cfg, adapter, fmt, output, sample_image="", size=(), msda="kernel") -> d
     manifest = {
         "format": fmt,
         "file": os.path.basename(path),
-        "adapter": adapter or (cfg.MODEL.PEFT.WEIGHTS if cfg.MODEL.META_ARCHITECTURE == "PEFT" else ""),
+        "adapter": adapter_file(cfg, adapter),
         "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32",
                   "normalisation": "(pixel - pixel_mean) / pixel_std", "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
                   "pixel_std": list(cfg.MODEL.PIXEL_STD), "channels": cfg.INPUT.FORMAT},
