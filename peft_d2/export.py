@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .checkpoint import atomic_write
 from .errors import PeftConfigError
 from .inject import peft_parameter_names
 from .tuners.base import METHODS
@@ -226,7 +227,10 @@ def differences(expected, got) -> dict:
 
 
 def write_manifest(output_dir: str, manifest: dict) -> str:
-    path = os.path.join(output_dir, "export.json")
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-    return path
+    """OUTPUT_DIR/export.json, written atomically (a reader never sees half of it)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+
+    return atomic_write(os.path.join(output_dir, "export.json"), write)

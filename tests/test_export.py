@@ -186,3 +186,22 @@ def test_refusals_name_what_cannot_be_exported(tmp_path, base_weights):
         export_model.main(["--config-file", BASE, "--format", "onnx", "--output", str(tmp_path / "x"),
                            "--adapter", adapter])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_export_leaves_the_earlier_one_as_it_was(tmp_path, base_weights, monkeypatch):
+    """The program is exported and checked in a hidden folder: an export that fails (here: its check against the
+    eager model) changes nothing in OUTPUT and leaves no partial files."""
+    out = tmp_path / "export"
+    argv = ["--config-file", BASE, "--format", "torchscript", "--output", str(out), "--image-size", "64", "64",
+            "MODEL.WEIGHTS", base_weights]
+    export_model.main(argv)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert sorted(before) == ["export.json", "model.ts"]
+
+    def fail(*args):
+        raise RuntimeError("the check failed")
+
+    monkeypatch.setattr(export, "differences", fail)
+    with pytest.raises(RuntimeError, match="the check failed"):  # another program: traced at 96 x 96
+        export_model.main([a if a != "64" else "96" for a in argv])
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

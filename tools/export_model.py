@@ -17,7 +17,9 @@ difference between the exported program and the eager model on the sample (batch
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -102,40 +104,49 @@ def exportable(cfg, adapter="", sample_image="", size=()):
 
 
 def run(cfg, adapter, fmt, output, sample_image="", size=(), msda="kernel") -> dict:
-    """Exports and checks; returns the manifest written to OUTPUT/export.json."""
+    """Exports and checks; returns the manifest written to OUTPUT/export.json. The program is exported and checked
+    in a hidden folder inside OUTPUT and moved into place with its manifest only then: a failed or killed export
+    leaves an earlier one in OUTPUT as it was."""
     module, images, what = exportable(cfg, adapter, sample_image, size)
     h, w = images.shape[-2:]
-    start = time.perf_counter()
-    path = export.export(module, images, fmt, output, msda=msda)
-    seconds = time.perf_counter() - start
-    exported = export.load(path, fmt)
-    checks = {}
-    with torch.no_grad():
-        for name, batch in (("sample", images), ("batch of 3", torch.cat([images, images[:1].flip(-2)]))):
-            checks[name] = export.differences(module(batch), exported(batch))
-    manifest = {
-        "format": fmt,
-        "file": os.path.basename(path),
-        "adapter": adapter_file(cfg, adapter),
-        "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32",
-                  "normalisation": "(pixel - pixel_mean) / pixel_std", "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
-                  "pixel_std": list(cfg.MODEL.PIXEL_STD), "channels": cfg.INPUT.FORMAT},
-        "outputs": {
-            "pred_logits": ["batch", module.num_queries, module.num_classes + 1],
-            "pred_masks": ["batch", module.num_queries, h // 4, w // 4],
-            "scores": ["batch", module.detections],
-            "pred_classes": ["batch", module.detections],
-            "instance_masks": ["batch", module.detections, h, w],
-        },
-        "merged": what["merged"],
-        "kept": what["kept"],
-        "deformable_attention": export.msda_backend_for(fmt, msda, images.device.type),
-        "onnx_opset": export.ONNX_OPSET if fmt == "onnx" else None,
-        "torch": torch.__version__,
-        "export_seconds": round(seconds, 1),
-        "largest_difference_to_eager": checks,
-    }
-    export.write_manifest(output, manifest)
+    os.makedirs(output, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=output)
+    try:
+        start = time.perf_counter()
+        path = export.export(module, images, fmt, staging, msda=msda)
+        seconds = time.perf_counter() - start
+        exported = export.load(path, fmt)
+        checks = {}
+        with torch.no_grad():
+            for name, batch in (("sample", images), ("batch of 3", torch.cat([images, images[:1].flip(-2)]))):
+                checks[name] = export.differences(module(batch), exported(batch))
+        manifest = {
+            "format": fmt,
+            "file": os.path.basename(path),
+            "adapter": adapter_file(cfg, adapter),
+            "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32",
+                      "normalisation": "(pixel - pixel_mean) / pixel_std", "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+                      "pixel_std": list(cfg.MODEL.PIXEL_STD), "channels": cfg.INPUT.FORMAT},
+            "outputs": {
+                "pred_logits": ["batch", module.num_queries, module.num_classes + 1],
+                "pred_masks": ["batch", module.num_queries, h // 4, w // 4],
+                "scores": ["batch", module.detections],
+                "pred_classes": ["batch", module.detections],
+                "instance_masks": ["batch", module.detections, h, w],
+            },
+            "merged": what["merged"],
+            "kept": what["kept"],
+            "deformable_attention": export.msda_backend_for(fmt, msda, images.device.type),
+            "onnx_opset": export.ONNX_OPSET if fmt == "onnx" else None,
+            "torch": torch.__version__,
+            "export_seconds": round(seconds, 1),
+            "largest_difference_to_eager": checks,
+        }
+        for name in os.listdir(staging):  # the program (ONNX may write external weight files beside it)
+            os.replace(os.path.join(staging, name), os.path.join(output, name))
+        export.write_manifest(output, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
