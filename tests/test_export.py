@@ -205,3 +205,13 @@ def test_a_failed_export_leaves_the_earlier_one_as_it_was(tmp_path, base_weights
     with pytest.raises(RuntimeError, match="the check failed"):  # another program: traced at 96 x 96
         export_model.main([a if a != "64" else "96" for a in argv])
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_onnx_export_of_shifted_windows_on_grids_that_need_padding(tmp_path):
+    """Two blocks per stage, so every stage has a shifted-window block; at 96 px the third stage (6 x 6 tokens)
+    pads to whole 4-token windows, and the shift mask must export with the padded size (ONNX's integer division
+    truncates where Python's floors). Random weights."""
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]"]
+    cfg = merge_config(get_cfg(), BASE, opts)
+    manifest = export_model.run(cfg, "", "onnx", str(tmp_path / "export"), size=(96, 96))
+    _assert_exact(manifest["largest_difference_to_eager"])

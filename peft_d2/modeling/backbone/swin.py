@@ -247,8 +247,9 @@ class PatchMerging(nn.Module):
 
 def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int, device):
     """(nW, ws*ws, ws*ws) additive mask (0 or -100) that keeps shifted windows from mixing distant regions."""
-    Hp = -(-H // window_size) * window_size
-    Wp = -(-W // window_size) * window_size
+    # ceil by non-negative floor division: ONNX's integer Div truncates, so -(-H // ws) would export as a floor
+    Hp = (H + window_size - 1) // window_size * window_size
+    Wp = (W + window_size - 1) // window_size * window_size
     img_mask = torch.zeros((1, Hp, Wp, 1), device=device)
     regions = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
     label = 0
