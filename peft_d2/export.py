@@ -61,20 +61,25 @@ class InstanceSegmentationExport(nn.Module):
     def forward(self, images):
         outputs = self.sem_seg_head(self.backbone(images))
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
-        H, W = images.shape[-2:]
+        scores, classes, mask_logits = self.instances(logits, masks, images.shape[-2:])
+        return logits, masks, scores, classes, mask_logits > 0
+
+    def instances(self, logits, masks, size):
+        """(scores, classes, mask logits at `size`) of the top instances, best first: MaskFormer's instance
+        inference from the class logits (N, Q, K + 1) and mask logits (N, Q, h, w); a mask is its logits > 0."""
+        H, W = size
         probs = F.softmax(logits, dim=-1)[..., :-1].flatten(1)  # (N, Q * K)
         class_scores, pairs = probs.topk(self.detections, dim=1)
         classes = pairs % self.num_classes
         queries = pairs // self.num_classes
         mask_logits = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
         mask_logits = torch.gather(mask_logits, 1, queries[:, :, None, None].expand(-1, -1, H, W))
-        binary = mask_logits > 0
-        inside = binary.flatten(2).to(mask_logits.dtype)
+        inside = (mask_logits > 0).flatten(2).to(mask_logits.dtype)
         mask_scores = (mask_logits.sigmoid().flatten(2) * inside).sum(2) / (inside.sum(2) + 1e-6)
         scores = class_scores * mask_scores
         order = stable_descending_order(scores)
-        binary = torch.gather(binary, 1, order[:, :, None, None].expand(-1, -1, H, W))
-        return logits, masks, scores.gather(1, order), classes.gather(1, order), binary
+        mask_logits = torch.gather(mask_logits, 1, order[:, :, None, None].expand(-1, -1, H, W))
+        return scores.gather(1, order), classes.gather(1, order), mask_logits
 
 
 def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:

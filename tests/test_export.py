@@ -215,3 +215,23 @@ def test_onnx_export_of_shifted_windows_on_grids_that_need_padding(tmp_path):
     cfg = merge_config(get_cfg(), BASE, opts)
     manifest = export_model.run(cfg, "", "onnx", str(tmp_path / "export"), size=(96, 96))
     _assert_exact(manifest["largest_difference_to_eager"])
+
+
+def test_benchmark_tells_near_tie_swaps_and_threshold_flips_from_real_mask_differences():
+    """tools/benchmark_export.py's mask_check: an exported instance that traded places with a near-tied one of
+    the same class is a swap, a flipped pixel whose eager logit is within 1e-4 of 0 is noise; anything else is
+    counted as unexplained."""
+    mask_check = load_tool("benchmark_export.py", "peft_d2_benchmark_export").mask_check
+    logits = torch.tensor([[[[2.0, -1.0], [1e-6, -3.0]], [[1.0, 1.0], [-1.0, -1.0]], [[-1.0, -1.0], [1.0, 1.0]]]])
+    scores, classes = torch.tensor([[0.5, 0.30000, 0.29999]]), torch.tensor([[1, 2, 2]])
+    want = (None, None, scores, classes, logits > 0)
+    swapped = logits[:, [0, 2, 1]].clone()
+    swapped[0, 0, 1, 0] = -1e-6  # a pixel at the threshold flips
+    got = (None, None, scores[:, [0, 2, 1]], classes, swapped > 0)
+    assert mask_check(want, got, logits) == {"instance_masks_swapped": 2, "instance_masks_beyond_tolerance": 0}
+    swapped[0, 0, 0, 0] = -2.0  # a confident pixel flips
+    got = (None, None, scores, classes, swapped > 0)
+    assert mask_check(want, got, logits) == {"instance_masks_swapped": 2, "instance_masks_beyond_tolerance": 1}
+    far = (None, None, torch.tensor([[0.5, 0.3, 0.2]]), classes, swapped > 0)  # not tied: no swap explains it
+    assert mask_check((None, None, torch.tensor([[0.5, 0.3, 0.2]]), classes, logits > 0), far, logits) == {
+        "instance_masks_swapped": 0, "instance_masks_beyond_tolerance": 9}

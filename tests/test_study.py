@@ -309,7 +309,8 @@ def test_learning_curves_page_from_run_folders(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "page", ["benchmark_synthetic", "benchmark_dsb2018", "benchmark_dsb2018_5seeds", "dsb2018_recipes"]
+    "page",
+    ["benchmark_synthetic", "benchmark_dsb2018", "benchmark_dsb2018_5seeds", "dsb2018_recipes", "benchmark_export"],
 )
 def test_committed_pages_regenerate_from_their_raw_json(tmp_path, page):
     """docs/<page>.md is what its tool writes from docs/<page>.json: nothing was edited by hand, and the page code
@@ -323,6 +324,8 @@ def test_committed_pages_regenerate_from_their_raw_json(tmp_path, page):
     shutil.copy(ROOT / "docs" / f"{page}.json", prefix + ".json")
     if page == "dsb2018_recipes":
         load_tool("learning_curves.py", "peft_d2_learning_curves").main(["--report-only", "--output", prefix])
+    elif page == "benchmark_export":
+        load_tool("benchmark_export.py", "peft_d2_benchmark_export").main(["--report-only", "--output", prefix])
     else:
         benchmark_peft.main(["--report-only", "--output", prefix])
     assert Path(prefix + ".md").read_text() == (ROOT / "docs" / f"{page}.md").read_text()
