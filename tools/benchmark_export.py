@@ -117,7 +117,7 @@ def report(data: dict) -> str:
               "## Exactness and export time", "",
               "Largest difference to the eager merged model on the sample batch (2 images): class logits, mask "
               "logits, scores; pred_classes counts differing entries; instance_masks counts differing mask "
-              f"pixels, then the instances that traded places with one of the same class whose score lies within "
+              "pixels, then the instances that traded places with one of the same class whose score lies within "
               f"{TOLERANCE:g} (a near tie), then the differing pixels that neither such a swap nor a mask logit "
               f"within {TOLERANCE:g} of the threshold 0 explains (`mask_check` in the tool).", "",
               "| model | format | export | pred_logits | pred_masks | scores | pred_classes | instance_masks |",

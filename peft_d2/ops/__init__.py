@@ -7,7 +7,7 @@ whether MSDeformAttn runs LoRA on value_proj through the fused operator or the u
 
 from ._extension import BACKENDS, ENV_VAR, MSDAFallbackWarning, backend_info, load_extension, select_backend
 from .lora_path import FUSED_ENV_VAR, choose_lora_path, fused_lora_mode, use_fused_lora
-from .msda import ms_deform_attn, ms_deform_attn_lora
+from .msda import level_starts, ms_deform_attn, ms_deform_attn_lora
 from .reference import lora_value_delta, ms_deform_attn_lora_reference, ms_deform_attn_reference
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "backend_info",
     "choose_lora_path",
     "fused_lora_mode",
+    "level_starts",
     "load_extension",
     "lora_value_delta",
     "ms_deform_attn",

@@ -22,6 +22,15 @@ def _require(cond, msg):
         raise ValueError(msg)
 
 
+def level_starts(spatial_shapes) -> list[int]:
+    """The start of each level in S for levels given as (H_l, W_l) ints: the exclusive prefix sum of H_l * W_l."""
+    starts, total = [], 0
+    for h, w in spatial_shapes:
+        starts.append(total)
+        total += h * w
+    return starts
+
+
 def _static_levels(name, spatial_shapes, L, S):
     """Checks levels given as a sequence of (H_l, W_l) ints (no tensor read: what export traces); returns them."""
     try:
@@ -79,7 +88,7 @@ def _check(name, value, spatial_shapes, level_start_index, sampling_locations, a
         )
     if not torch.is_tensor(spatial_shapes):
         shapes = _static_levels(name, spatial_shapes, L, S)
-        starts = [sum(h * w for h, w in shapes[:i]) for i in range(L)]
+        starts = level_starts(shapes)
         if level_start_index is not None and not torch.is_tensor(level_start_index):
             _require(
                 list(level_start_index) == starts,

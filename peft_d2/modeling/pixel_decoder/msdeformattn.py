@@ -19,6 +19,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
+from ... import ops
 from ..position_encoding import PositionEmbeddingSine
 from .ms_deform_attn import MSDeformAttn
 
@@ -158,7 +159,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         mask_flatten = torch.cat(mask_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
         # the levels travel as Python ints: no host read of a tensor per layer, and export traces them as constants
-        level_start_index = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+        level_start_index = ops.level_starts(shapes)
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 
         memory = self.encoder(src_flatten, shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten)
