@@ -3,6 +3,7 @@ here: benchmarks print ratios); the scripts' docstrings and --help."""
 
 import ast
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from _models import images, tiny_vit
 
 from peft_d2 import AdapterConfig, LoRAConfig, PeftConfig, inject
+from peft_d2.config import PeftConfigError
 from peft_d2.tuners.prefix import PrefixConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,28 @@ def test_benchmark_train_refuses_an_unknown_method_before_building(monkeypatch, 
             "adapters_3, adapters_parallel, baseline_decoder_only, baseline_heads_only, baseline_whole_head, "
             "cobot_adapter, cobot_lora, lora_adapters, lora_backbone, lora_conv, lora_dora, lora_msdeformattn, mona, "
             "mopeft, prefix, sfa (or 'all')") in capsys.readouterr().err
+
+
+def test_benchmark_train_all_is_every_config_and_skips_one_for_another_base(tmp_path, capsys):
+    import benchmark_train
+
+    peft = ROOT / "configs" / "synthetic" / "peft"
+    known = benchmark_train.config_names(str(peft))
+    assert benchmark_train.chosen(["all"], known)[:len(benchmark_train.DEFAULT)] == benchmark_train.DEFAULT
+    assert sorted(benchmark_train.chosen(["all"], known)) == known  # mona, lora_dora, lora_conv... without a list
+    assert benchmark_train.chosen(["sfa"], known) == ["sfa"]
+    (tmp_path / "lora_backbone.yaml").write_text(f"_BASE_: {peft / 'lora_backbone.yaml'}\n")
+    (tmp_path / "resnet_only.yaml").write_text(f"_BASE_: {peft / 'Base-PEFT.yaml'}\nMODEL:\n  PEFT:\n"
+                                              "    METHODS: [lora]\n    LORA:\n"
+                                              "      TARGETS: ['backbone.res*.*.conv?']\n")
+    benchmark_train.main(["--methods", "all", "--peft-dir", str(tmp_path), "--batch", "1", "--size", "64",
+                          "--steps", "1", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"^lora_backbone +[0-9,]+ +[0-9.]+ ", out, re.M)
+    assert re.search(r"^skipped resnet_only \(not applicable to this base: .*backbone\.res\*\.\*\.conv\?", out, re.M)
+    with pytest.raises(PeftConfigError, match="matches no"):  # named, it must apply
+        benchmark_train.main(["--methods", "resnet_only", "--peft-dir", str(tmp_path), "--batch", "1", "--size",
+                              "64", "--steps", "1", "--rounds", "1"])
 
 
 def _docstring_source(path: Path) -> tuple[ast.Expr, list[str]]:

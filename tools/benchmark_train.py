@@ -30,7 +30,13 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 DEFAULT = ["baseline_heads_only", "baseline_whole_head", "lora_backbone", "lora_msdeformattn", "adapters_1",
            "adapters_2", "adapters_3", "lora_adapters"]
-ALL = DEFAULT + ["baseline_decoder_only", "prefix", "mopeft", "cobot_lora", "sfa"]
+
+
+def chosen(methods: list, known: list) -> list:
+    """--methods as a list of config names: 'all' is every config of --peft-dir (`known`), the defaults first."""
+    if methods != ["all"]:
+        return methods
+    return [m for m in DEFAULT if m in known] + [m for m in known if m not in DEFAULT]
 
 
 def config_names(peft_dir: str) -> list:
@@ -42,28 +48,36 @@ def config_names(peft_dir: str) -> list:
                   if f.endswith(".yaml") and not f.startswith("Base-") and f != "full_finetune.yaml")
 
 
-def build(config, base, device):
-    from detectron2.modeling import build_model
-
-    from peft_d2.build import build_base_model
-    from peft_d2.config import get_cfg, merge_config, peft_config_from_cfg
-    from peft_d2.inject import inject
-    from peft_d2.tuners import sfa
+def load(config, base, device):
+    """The config `base` with the meta-architecture and MODEL.PEFT node of the PEFT file `config` (None: full
+    fine-tuning of the base)."""
+    from peft_d2.config import get_cfg, merge_config
 
     cfg = merge_config(get_cfg(), base)
-    if config is not None:  # apply the PEFT file's meta-architecture and MODEL.PEFT node to the base
+    if config is not None:
         peft = merge_config(get_cfg(), config)
         cfg.MODEL.META_ARCHITECTURE = peft.MODEL.META_ARCHITECTURE
         cfg.MODEL.PEFT = peft.MODEL.PEFT
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""
+    return cfg
+
+
+def build(cfg):
+    from detectron2.modeling import build_model
+
+    from peft_d2.build import build_base_model
+    from peft_d2.config import peft_config_from_cfg
+    from peft_d2.inject import inject
+    from peft_d2.tuners import sfa
+
     torch.manual_seed(0)
-    if config is not None and "sfa" in cfg.MODEL.PEFT.METHODS:  # timing needs a selection of the budgeted size
+    if cfg.MODEL.META_ARCHITECTURE == "PEFT" and "sfa" in cfg.MODEL.PEFT.METHODS:  # a selection of budgeted size
         model = build_base_model(cfg)
         pc = peft_config_from_cfg(cfg)
         inject(model, pc, sfa_selection=sfa.random_selection(model, pc.sfa))
     else:
         model = build_model(cfg)
-    return cfg, model.train()
+    return model.train()
 
 
 def make_batch(n, size, num_classes, device):
@@ -113,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--base", default=os.path.join(ROOT, "configs/synthetic/maskformer2_swin_micro_bs4_B.yaml"))
     parser.add_argument("--peft-dir", default=os.path.join(ROOT, "configs/synthetic/peft"))
     parser.add_argument("--methods", nargs="+", default=DEFAULT,
-                        help=f"names of configs in --peft-dir, or 'all': {' '.join(ALL)}")
+                        help="names of configs in --peft-dir, or 'all': every one there, the defaults first")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per config and round")
@@ -122,8 +136,8 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true", help="mixed precision as detectron2's AMPTrainer: float16 "
                         "autocast and a GradScaler on CUDA (bfloat16 autocast on CPU)")
     args = parser.parse_args(argv)
-    methods = ALL if args.methods == ["all"] else args.methods
     known = config_names(args.peft_dir)
+    methods = chosen(args.methods, known)
     unknown = [m for m in methods if m not in known]
     if unknown:  # a usage error before anything is imported or built
         parser.error(f"argument --methods: no config {unknown[0]}.yaml in {args.peft_dir}; valid names: "
@@ -135,12 +149,20 @@ def main(argv=None):
 
     import peft_d2.build  # noqa: F401
     import peft_d2.modeling  # noqa: F401
+    from peft_d2.config import PeftConfigError
 
     cuda = args.device.startswith("cuda")
 
-    runs = {"full_finetune": build(None, args.base, args.device)}
+    full = load(None, args.base, args.device)
+    runs, skipped = {"full_finetune": (full, build(full))}, []
     for m in methods:
-        runs[m] = build(os.path.join(args.peft_dir, f"{m}.yaml"), args.base, args.device)
+        cfg = load(os.path.join(args.peft_dir, f"{m}.yaml"), args.base, args.device)
+        try:
+            runs[m] = cfg, build(cfg)
+        except PeftConfigError as e:  # 'all' may hold configs for other bases (lora_resnet); a named one must apply
+            if args.methods != ["all"]:
+                raise
+            skipped.append(f"{m} (not applicable to this base: {e})")
     num_classes = runs["full_finetune"][0].MODEL.SEM_SEG_HEAD.NUM_CLASSES
     batch = make_batch(args.batch, args.size, num_classes, args.device)
     optims = {m: build_optimizer_from_trainable(cfg, model) for m, (cfg, model) in runs.items()}
@@ -198,6 +220,8 @@ def main(argv=None):
           f"median of {args.rounds} rounds x {args.steps} steps; memory = {kind}")
     print(tabulate(rows, headers=["config", "trainable", "%", "step ms", "step / full", "memory MiB",
                                   "memory / full"]))
+    for line in skipped:
+        print(f"skipped {line}")
 
 
 if __name__ == "__main__":
