@@ -89,12 +89,13 @@ def mask_check(want, got, mask_logits) -> dict:
 
     swapped = beyond = 0
     for n, t in ((got_masks != masks).flatten(2).any(2)).nonzero().tolist():
-        if not unexplained(n, t, t):
+        own = unexplained(n, t, t)
+        if not own:
             continue
         ties = [u for u in range(masks.shape[1]) if u != t and classes[n, u] == got_classes[n, t]
                 and abs(float(scores[n, u] - got_scores[n, t])) <= TOLERANCE and not unexplained(n, t, u)]
         swapped += bool(ties)
-        beyond += 0 if ties else unexplained(n, t, t)
+        beyond += 0 if ties else own
     return {"instance_masks_swapped": swapped, "instance_masks_beyond_tolerance": beyond}
 
 
