@@ -119,6 +119,16 @@ def test_benchmark_train_all_is_every_config_and_skips_one_for_another_base(tmp_
                               "64", "--steps", "1", "--rounds", "1"])
 
 
+def test_benchmark_multi_adapter_each_gives_every_method_its_rows(capsys):
+    import benchmark_multi_adapter
+
+    benchmark_multi_adapter.main(["--each", "--methods", "mona", "lora_conv", "--k", "2", "--batch", "2",
+                                  "--size", "64", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(\S+) +(\d+) +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$", out, re.M)
+    assert rows == [("mona", "2"), ("lora_conv", "2")], out
+
+
 def _docstring_source(path: Path) -> tuple[ast.Expr, list[str]]:
     """The module docstring's node and its lines as written in the file (without the quotes)."""
     src = path.read_text(encoding="utf-8")

@@ -4,10 +4,13 @@ r"""Inference time of one mixed batch of K adapters against K single-adapter pas
     python tools/benchmark_multi_adapter.py --device cuda --size 512 --batch 16 \
         --base configs/coco/instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml \
         --peft-dir configs/coco/peft                              # Swin-B scale
+    python tools/benchmark_multi_adapter.py --each --k 1 4 \
+        --methods lora_backbone adapters_1 mona lora_dora lora_conv  # one block of rows per method
 
 The K adapters are made from the PEFT configs in --peft-dir named by --methods, in turn (adapter k uses
-methods[k % len]), each with its trainable tensors moved by a seeded random step so that they differ. The
-batch of --batch images is split evenly over the K adapters. Timed side by side, in interleaved rounds
+methods[k % len]), each with its trainable tensors moved by a seeded random step so that they differ; with
+--each, every method in turn has all K adapters (what serving costs per method). The batch of --batch images is
+split evenly over the K adapters. Timed side by side, in interleaved rounds
 (median reported), on the same images:
 - base: the plain base model over the whole batch;
 - mixed: the serving model (peft_d2.load_adapters) over the whole batch, each image routed to its adapter;
@@ -43,7 +46,7 @@ def load_cfg(base, peft_yaml, device):
     return cfg
 
 
-def make_adapters(args, folder):
+def make_adapters(args, methods, folder):
     """K single-adapter models and their files, plus the config of the base."""
     from detectron2.modeling import build_model
 
@@ -51,7 +54,7 @@ def make_adapters(args, folder):
 
     models, paths, cfg = [], {}, None
     for k in range(max(args.k)):
-        method = args.methods[k % len(args.methods)]
+        method = methods[k % len(methods)]
         cfg = load_cfg(args.base, os.path.join(args.peft_dir, f"{method}.yaml"), args.device)
         torch.manual_seed(0)  # the same base weights for every adapter
         model = build_model(cfg).eval()
@@ -76,22 +79,37 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--each", action="store_true", help="each method alone: K adapters of that method")
     args = parser.parse_args(argv)
     if any(args.batch % k for k in args.k):
         parser.error(f"--batch {args.batch} must be a multiple of every --k {args.k}")
 
     import peft_d2.build  # noqa: F401
     import peft_d2.modeling  # noqa: F401
-    from peft_d2.build import build_base_model
-    from peft_d2.multi import load_adapters
 
     torch.set_grad_enabled(False)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(0)
     images = [{"image": torch.randint(0, 256, (3, args.size, args.size), generator=g).float(),
                "height": args.size, "width": args.size} for _ in range(args.batch)]
+    groups = [[m] for m in args.methods] if args.each else [args.methods]
+    rows = [(" ".join(methods), *row) for methods in groups for row in measure(args, methods, images)]
+    print(f"device {args.device}, batch {args.batch} x {args.size}px, methods {args.methods}"
+          f"{' (each alone)' if args.each else ''}, median of {args.rounds} interleaved rounds")
+    width = max(len("methods"), *(len(r[0]) for r in rows))
+    print(f"{'methods':<{width}} {'K':>3} {'base s':>9} {'mixed s':>9} {'separate s':>11} {'mixed/base':>11} "
+          f"{'separate/mixed':>15}")
+    for methods, k, b, m, s in rows:
+        print(f"{methods:<{width}} {k:>3} {b:9.4f} {m:9.4f} {s:11.4f} {m / b:11.3f} {s / m:15.3f}")
+
+
+def measure(args, methods, images):
+    """(K, base s, mixed s, separate s) for each K, with adapters made from `methods` in turn."""
+    from peft_d2.build import build_base_model
+    from peft_d2.multi import load_adapters
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     with tempfile.TemporaryDirectory() as folder:
-        singles, paths, cfg = make_adapters(args, folder)
+        singles, paths, cfg = make_adapters(args, methods, folder)
         torch.manual_seed(0)
         base = build_base_model(cfg).eval()
         rows = []
@@ -121,11 +139,7 @@ def main(argv=None):
             med = {name: statistics.median(v) for name, v in times.items()}
             rows.append((k, med["base"], med["mixed"], med["separate"]))
             del serve
-    print(f"device {args.device}, batch {args.batch} x {args.size}px, methods {args.methods}, "
-          f"median of {args.rounds} interleaved rounds")
-    print(f"{'K':>3} {'base s':>9} {'mixed s':>9} {'separate s':>11} {'mixed/base':>11} {'separate/mixed':>15}")
-    for k, b, m, s in rows:
-        print(f"{k:>3} {b:9.4f} {m:9.4f} {s:11.4f} {m / b:11.3f} {s / m:15.3f}")
+    return rows
 
 
 if __name__ == "__main__":
