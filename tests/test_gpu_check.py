@@ -112,14 +112,15 @@ def test_plan_with_a_device(tmp_path, monkeypatch, capsys):
         assert sanitizer in text
     for dtype in ("float32", "bfloat16"):
         assert f"benchmark_msda.py --device cuda --shapes m2f decoder --dtype {dtype}" in text
-    serve = re.search(r"benchmark_multi_adapter.py .*", text).group(0)
+    serve, each = re.findall(r"benchmark_multi_adapter.py .*", text)
     assert f"--device cuda --base {gpu_check.SWIN_B} --peft-dir configs/coco/peft" in serve and "--k 1 4 16" in serve
+    assert each.endswith("--each --k 1 4 --methods lora_backbone adapters_1 mona lora_dora lora_conv"), each
     assert "-m gpu" in text and "tests/test_multi_adapter.py" in text
     train = re.search(r"benchmark_train.py .*", text).group(0)
     assert "--amp" in train and "--size 1024 --batch 2" in train and "--methods lora_msdeformattn" in train
     # the files the plan names exist
     assert (ROOT / gpu_check.SWIN_B).is_file() and (ROOT / "configs/coco/peft/lora_msdeformattn.yaml").is_file()
-    assert all((ROOT / f"configs/coco/peft/{m}.yaml").is_file() for m in ("lora_backbone", "adapters_1"))
+    assert all((ROOT / f"configs/coco/peft/{m}.yaml").is_file() for m in gpu_check.SERVED)
     assert "would run: " in capsys.readouterr().out
 
 

@@ -13,7 +13,8 @@ the end: nothing is installed into the system. Stages, in order:
   racecheck  the same under --tool racecheck
   bench      tools/benchmark_msda.py at the Mask2Former shape and a decoder cross-attention shape, float32 and
              bfloat16: reference / unfused / fused / no-LoRA times, bandwidth against a device-to-device copy;
-             tools/benchmark_multi_adapter.py on the Swin-B Mask2Former (16 images of 512 px, K = 1, 4, 16)
+             tools/benchmark_multi_adapter.py on the Swin-B Mask2Former (16 images of 512 px, K = 1, 4, 16; then
+             each of lora_backbone, adapters_1, mona, lora_dora, lora_conv alone, K = 1, 4)
   train      tools/benchmark_train.py: one training step of the Swin-B Mask2Former (COCO config, 1024 px,
              batch 2, AMP), full fine-tuning against the PEFT configs: step time and max_memory_allocated ratios
 
@@ -45,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("wheels", "build", "tests", "memcheck", "racecheck", "bench", "train")
 SWIN_B = "configs/coco/instance-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml"
 OP_TESTS = "tests/test_ms_deform_attn.py"
+SERVED = ("lora_backbone", "adapters_1", "mona", "lora_dora", "lora_conv")  # the bench stage's per-method serving rows
 OUTPUT_LINES = 400  # per stage in the results file (the tail; benchmark tables are far shorter)
 
 
@@ -234,8 +236,10 @@ def plan(ctx, stage):
     if stage == "bench":
         bench = [ctx.python, "tools/benchmark_msda.py", "--device", "cuda", "--shapes", "m2f", "decoder", "--dtype"]
         serve = [ctx.python, "tools/benchmark_multi_adapter.py", "--device", "cuda", "--base", SWIN_B, "--peft-dir",
-                 "configs/coco/peft", "--size", "512", "--batch", "16", "--k", "1", "4", "16", "--rounds", "5"]
-        return why, [(bench + ["float32"], {}), (bench + ["bfloat16"], {}), (serve, {})]
+                 "configs/coco/peft", "--size", "512", "--batch", "16", "--rounds", "5"]
+        each = serve + ["--each", "--k", "1", "4", "--methods", *SERVED]
+        return why, [(bench + ["float32"], {}), (bench + ["bfloat16"], {}), (serve + ["--k", "1", "4", "16"], {}),
+                     (each, {})]
     if stage == "train":
         cmd = [ctx.python, "tools/benchmark_train.py", "--device", "cuda", "--amp", "--base", SWIN_B, "--peft-dir",
                "configs/coco/peft", "--size", str(ctx.args.train_size), "--batch", str(ctx.args.train_batch),
