@@ -127,6 +127,7 @@ def test_benchmark_multi_adapter_each_gives_every_method_its_rows(capsys):
     out = capsys.readouterr().out
     rows = re.findall(r"^(\S+) +(\d+) +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$", out, re.M)
     assert rows == [("mona", "2"), ("lora_conv", "2")], out
+    assert torch.is_grad_enabled(), "the tool switched gradients off for the whole test process"
 
 
 def _docstring_source(path: Path) -> tuple[ast.Expr, list[str]]:

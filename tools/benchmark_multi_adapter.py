@@ -87,7 +87,6 @@ def main(argv=None):
     import peft_d2.build  # noqa: F401
     import peft_d2.modeling  # noqa: F401
 
-    torch.set_grad_enabled(False)
     g = torch.Generator().manual_seed(0)
     images = [{"image": torch.randint(0, 256, (3, args.size, args.size), generator=g).float(),
                "height": args.size, "width": args.size} for _ in range(args.batch)]
@@ -102,6 +101,7 @@ def main(argv=None):
         print(f"{methods:<{width}} {k:>3} {b:9.4f} {m:9.4f} {s:11.4f} {m / b:11.3f} {s / m:15.3f}")
 
 
+@torch.no_grad()  # not set_grad_enabled(False): main() is called in-process by the tests
 def measure(args, methods, images):
     """(K, base s, mixed s, separate s) for each K, with adapters made from `methods` in turn."""
     from peft_d2.build import build_base_model
